@@ -1,0 +1,179 @@
+"""L-inf sign-gradient attacks in [0, 1] pixel space: FGSM(-RS), PGD and MIM.
+
+One implementation serves training (FGSM with random start on the SRE objective, Alg. 1
+lines 4-6) and evaluation (PGD-k / MIM-k on cross-entropy). Inputs are never normalised here:
+normalisation is the model's first layer, so eps = 8/255 means 8/255 of the pixel range.
+
+BatchNorm during the training attack (``bn``): ``train`` (default) crafts the perturbation
+against the same batch-statistics function that the loss then trains, as in fast FGSM-RS
+training (Wong et al.), but freezes the running statistics so that random-start inputs do not
+leak into the statistics used at test time; ``eval`` uses the running statistics. Evaluation
+attacks always run with the model in eval mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from fractions import Fraction
+
+import torch
+from torch import Tensor, nn
+
+LossFn = Callable[[Tensor], Tensor]
+BN_MODES = ("train", "eval")
+
+
+def parse_eps(value: float | int | str, key: str = "attack.eps") -> float:
+    """A float, or a fraction string such as "8/255" (exact, and what configs should say).
+
+    Raises a ValueError naming ``key`` for anything that is not a number in (0, 1]."""
+    try:
+        eps = float(Fraction(value)) if isinstance(value, str) else float(value)
+    except (ValueError, ZeroDivisionError) as err:
+        raise ValueError(f"{key}={value!r} is not a number or a fraction like 8/255") from err
+    if not 0.0 < eps <= 1.0:
+        raise ValueError(f"{key}={value!r} must be in (0, 1] (pixel range is [0, 1])")
+    return eps
+
+
+def project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
+    """Projection onto the eps-ball around ``x`` intersected with the image box [0, 1]."""
+    return torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+
+
+def check_adversarial(x_adv: Tensor, x: Tensor, eps: float, tol: float = 1e-6) -> None:
+    """Hard error when an adversarial batch leaves the threat model (never silently report it)."""
+    dist = (x_adv - x).abs().amax().item() if x.numel() else 0.0
+    if dist > eps + tol or x_adv.min().item() < 0.0 or x_adv.max().item() > 1.0:
+        raise RuntimeError(
+            f"adversarial batch outside the threat model: max|x_adv - x| = {dist:.6g} (eps {eps:.6g}), "
+            f"range [{x_adv.min().item():.4g}, {x_adv.max().item():.4g}]"
+        )
+
+
+@contextmanager
+def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
+    """Batch statistics in forward, but running statistics left untouched."""
+    saved = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
+            saved.append((m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()))
+            m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum, nbt in saved:
+            m.momentum = momentum
+            if nbt is not None:
+                m.num_batches_tracked.copy_(nbt)
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class SignGradientAttack:
+    """Iterated signed-gradient ascent on ``loss_fn(model(x_adv))`` inside the L-inf eps-ball.
+
+    Args:
+        eps: radius (float or a string fraction such as "8/255").
+        steps: number of gradient steps (1 = FGSM).
+        step_size: step per iteration (defaults to eps for one step, 2/255-style eps/4 otherwise).
+        random_start: start from a uniform point of the ball (FGSM-RS / PGD) instead of x.
+        momentum: MIM decay mu; ``None`` for plain sign steps.
+        bn: BatchNorm handling when the model is in training mode, see the module docstring.
+    """
+
+    name = "sign"
+
+    def __init__(
+        self,
+        eps: float | str = "8/255",
+        steps: int = 1,
+        step_size: float | str | None = None,
+        random_start: bool = True,
+        momentum: float | None = None,
+        bn: str = "train",
+    ) -> None:
+        self.eps = parse_eps(eps)
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"attack.steps={steps!r} must be an integer >= 1")
+        self.steps = steps
+        if step_size is None:
+            self.step_size = self.eps if steps == 1 else self.eps / 4
+        else:
+            self.step_size = parse_eps(step_size, "attack.step_size")
+        self.random_start = bool(random_start)
+        if momentum is not None and momentum < 0:
+            raise ValueError(f"attack.momentum={momentum!r} must be >= 0")
+        self.momentum = momentum
+        if bn not in BN_MODES:
+            raise ValueError(f"attack.bn={bn!r} is not valid; allowed values: {', '.join(BN_MODES)}")
+        self.bn = bn
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(eps={self.eps:.6g}, steps={self.steps}, step_size={self.step_size:.6g}, "
+            f"random_start={self.random_start}, momentum={self.momentum}, bn={self.bn!r})"
+        )
+
+    @contextmanager
+    def _bn_context(self, model: nn.Module) -> Iterator[None]:
+        if model.training and self.bn == "eval":
+            with eval_mode(model):
+                yield
+        elif model.training:
+            with frozen_bn_stats(model):
+                yield
+        else:
+            yield
+
+    def perturb(self, model: nn.Module, x: Tensor, loss_fn: LossFn, generator: torch.Generator | None = None) -> Tensor:
+        """Adversarial version of ``x`` (detached, in the ball, in [0, 1])."""
+        with torch.inference_mode(False), torch.enable_grad(), self._bn_context(model):
+            x = x.detach().clone()
+            if self.random_start:
+                noise = torch.empty_like(x).uniform_(-self.eps, self.eps, generator=generator)
+                x_adv = (x + noise).clamp_(0.0, 1.0)
+            else:
+                x_adv = x.clone()
+            grad_acc = torch.zeros_like(x) if self.momentum is not None else None
+            for _ in range(self.steps):
+                x_adv.requires_grad_(True)
+                loss = loss_fn(model(x_adv))
+                (grad,) = torch.autograd.grad(loss, x_adv)
+                x_adv = x_adv.detach()
+                if grad_acc is not None:
+                    norm = grad.abs().flatten(1).sum(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+                    grad_acc = self.momentum * grad_acc + grad / norm
+                    grad = grad_acc
+                x_adv = project(x_adv + self.step_size * grad.sign(), x, self.eps)
+        return x_adv.detach()
+
+
+def FGSM(eps: float | str = "8/255", random_start: bool = True, step_size: float | str | None = None, bn: str = "train"):
+    """FGSM with uniform random start and step eps (FReP's training attack, Alg. 1 lines 4-6)."""
+    return SignGradientAttack(eps=eps, steps=1, step_size=step_size, random_start=random_start, bn=bn)
+
+
+def PGD(
+    eps: float | str = "8/255", steps: int = 10, step_size: float | str = "2/255", random_start: bool = True, bn: str = "train"
+) -> SignGradientAttack:
+    """Madry et al. PGD-k with random start."""
+    return SignGradientAttack(eps=eps, steps=steps, step_size=step_size, random_start=random_start, bn=bn)
+
+
+def MIM(eps: float | str = "8/255", steps: int = 50, step_size: float | str = "2/255", momentum: float = 1.0):
+    """Dong et al. momentum iterative method (no random start)."""
+    return SignGradientAttack(eps=eps, steps=steps, step_size=step_size, random_start=False, momentum=momentum)
+
+
+def cross_entropy_loss(y: Tensor) -> LossFn:
+    return lambda logits: nn.functional.cross_entropy(logits, y)

@@ -1,0 +1,104 @@
+"""Merge at fit end (Alg. 1 line 19) and atomic writing of ``model.pt`` / ``summary.json``.
+
+``on_train_end`` of :class:`~frep_lightning.ensemble.TemporalEnsemble` has already copied the
+ensemble into the live module when ``on_fit_end`` runs, so this callback merges a copy of
+whatever the module holds then: the ensemble when there is one. The file is a plain state_dict
+of the unmodified backbone (``weight`` keys, no masks, no factors) that loads with
+``torch.load(path, weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+
+from frep_lightning.pruning import sparsity_report
+from frep_lightning.reparam import iter_masked, merge_
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], write: Any) -> None:
+    """Write via ``write(file_object)`` to a temp file in the same directory, then rename:
+    a crash never leaves a half-written file under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
+    atomic_write_bytes(path, lambda f: torch.save(state, f))
+
+
+def write_json(data: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    atomic_write_bytes(path, lambda f: f.write((json.dumps(data, indent=2, sort_keys=True) + "\n").encode()))
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Plain state_dict of a merged copy of ``model`` (``model`` itself is not changed)."""
+    plain = merge_(copy.deepcopy(model))
+    return {k: v.detach().cpu().clone() for k, v in plain.state_dict().items()}
+
+
+class MergeReparameterization(Callback):
+    """At fit end, merge W1·W2 (or M·W2) of the module's ``attr`` submodule and save ``model.pt``.
+
+    Args:
+        dirpath: output directory (default: the trainer's ``default_root_dir``).
+        filename: file name of the merged state_dict.
+        attr: submodule of the LightningModule to export (``None``: the whole module).
+    """
+
+    def __init__(self, dirpath: str | None = None, filename: str = "model.pt", attr: str | None = "model") -> None:
+        if not filename:
+            raise ValueError("export.filename must not be empty")
+        self.dirpath = dirpath
+        self.filename = filename
+        self.attr = attr
+        self.path: Path | None = None
+        self.report: dict[str, Any] | None = None
+
+    def target(self, pl_module: pl.LightningModule) -> nn.Module:
+        if self.attr is None:
+            return pl_module
+        if not hasattr(pl_module, self.attr):
+            raise AttributeError(
+                f"MergeReparameterization(attr={self.attr!r}): the LightningModule has no such submodule; "
+                "pass attr=None to export the whole module"
+            )
+        return getattr(pl_module, self.attr)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.target(pl_module)  # fail before training, not after it
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        model = self.target(pl_module)
+        prunable = [f"{n}.weight" for n, _, _ in iter_masked(model)]
+        state = merged_state_dict(model)
+        self.report = sparsity_report({k: state[k] for k in prunable})
+        self.path = Path(self.dirpath or trainer.default_root_dir) / self.filename
+        if trainer.is_global_zero:
+            save_state_dict(state, self.path)
+            rank_zero_info(
+                f"MergeReparameterization: wrote {self.path} (merged, sparsity {self.report['sparsity']:.4f})"
+            )
+        trainer.strategy.barrier("frep_export")

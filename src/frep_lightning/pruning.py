@@ -1,0 +1,218 @@
+"""Global magnitude pruning with mask sync (paper Sec. III-D, Alg. 1 lines 15-17).
+
+At epoch ``t_p`` the merged weights W = W1·W2 of the live model are ranked globally: by |W|
+(unstructured, top-k) or by the L2 norm of each output channel (structured, Eq. 17). The same
+mask is written into the live model and into every averaged copy held by a Lightning
+``WeightAveraging`` callback (our ``TemporalEnsemble`` included), matched by module name.
+
+Why not Lightning's ``ModelPruning``: it uses ``torch.nn.utils.prune``, which renames
+``weight`` to ``weight_orig`` and adds parameters once pruning starts. Averaged copies made
+before that no longer line up by position (the known ``EMAWeightAveraging`` + ``ModelPruning``
+crash), and it never masks the averaged copy, so the exported model is silently dense. Here the
+mask buffer exists from the start (see :mod:`frep_lightning.reparam`) and pruning only changes
+its values.
+
+Pruned weights stay exactly zero afterwards: the mask multiplies the product in ``forward``,
+and the factor entries that only feed pruned weights are zeroed together with their optimizer
+state, so neither momentum nor weight decay can revive them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, WeightAveraging
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor, nn
+
+from frep_lightning.reparam import add_masks_, factor_masks, factors, iter_masked, select_layers
+
+MODES = ("unstructured", "structured")
+
+
+def global_magnitude_masks(weights: dict[str, Tensor], sparsity: float) -> dict[str, Tensor]:
+    """Keep the ``round((1 - sparsity) * N)`` entries of largest |W| over all layers."""
+    flat = torch.cat([w.detach().abs().flatten().float() for w in weights.values()])
+    n_keep = flat.numel() - round(sparsity * flat.numel())
+    keep = torch.zeros_like(flat, dtype=torch.bool)
+    if n_keep > 0:
+        keep[torch.topk(flat, n_keep, sorted=False).indices] = True
+    masks, start = {}, 0
+    for name, w in weights.items():
+        masks[name] = keep[start : start + w.numel()].view_as(w).to(w.dtype)
+        start += w.numel()
+    return masks
+
+
+def global_channel_masks(weights: dict[str, Tensor], sparsity: float, min_channels: int = 1) -> dict[str, Tensor]:
+    """Keep the output channels with the largest L2 norm (Eq. 17), ranked globally.
+
+    ``min_channels`` per layer are always kept (a layer with no channel disconnects the network);
+    the total number of kept channels is still exactly ``round((1 - sparsity) * D_total)`` when
+    that is at least ``min_channels`` per layer.
+    """
+    norms = {n: w.detach().flatten(1).float().norm(dim=1) for n, w in weights.items()}
+    total = sum(v.numel() for v in norms.values())
+    n_keep = max(total - round(sparsity * total), min_channels * len(norms))
+    keep = {n: torch.zeros_like(v, dtype=torch.bool) for n, v in norms.items()}
+    for n, v in norms.items():  # guaranteed channels first
+        keep[n][torch.topk(v, min(min_channels, v.numel())).indices] = True
+    guaranteed = sum(int(k.sum()) for k in keep.values())
+    rest = torch.cat([v.masked_fill(keep[n], -1.0) for n, v in norms.items()])
+    extra = n_keep - guaranteed
+    flat_keep = torch.cat(list(keep.values()))
+    if extra > 0:
+        flat_keep[torch.topk(rest, extra, sorted=False).indices] = True
+    masks, start = {}, 0
+    for n, w in weights.items():
+        rows = flat_keep[start : start + w.shape[0]].to(w.dtype)
+        masks[n] = rows.view(-1, *([1] * (w.dim() - 1))).expand_as(w).contiguous()
+        start += w.shape[0]
+    return masks
+
+
+def compute_masks(
+    model: nn.Module, sparsity: float, mode: str = "unstructured", names: Sequence[str] | None = None
+) -> dict[str, Tensor]:
+    """Masks for the masked layers of ``model`` (optionally only ``names``) from merged weights."""
+    with torch.no_grad():
+        weights = {n: m.weight.detach() for n, m, _ in iter_masked(model) if names is None or n in names}
+    if not weights:
+        raise ValueError("no masked Conv2d/Linear layer to prune (check pruning.include/exclude)")
+    if mode == "structured":
+        return global_channel_masks(weights, sparsity)
+    return global_magnitude_masks(weights, sparsity)
+
+
+@torch.no_grad()
+def apply_masks_(
+    model: nn.Module, masks: dict[str, Tensor], optimizers: Sequence[torch.optim.Optimizer] = ()
+) -> None:
+    """Write ``masks`` into ``model``'s mask buffers by module name; zero the factor entries that
+    only feed pruned weights, and the same entries of every optimizer state tensor."""
+    layers = {n: (m, p) for n, m, p in iter_masked(model)}
+    missing = sorted(set(masks) - set(layers))
+    if missing:
+        raise KeyError(f"masks name layers that are not masked in this model: {missing[:5]}")
+    for name, mask in masks.items():
+        module, p = layers[name]
+        p.mask.copy_(mask.to(p.mask))
+        for tensor, fmask in zip(factors(module), factor_masks(p, p.mask), strict=False):
+            if fmask is None:
+                continue
+            tensor.mul_(fmask)
+            for opt in optimizers:
+                for value in opt.state.get(tensor, {}).values():
+                    if isinstance(value, Tensor) and value.shape == tensor.shape:
+                        value.mul_(fmask)
+
+
+def sparsity_report(model_or_state: nn.Module | dict[str, Tensor]) -> dict[str, Any]:
+    """Exact-zero fraction of every Conv2d/Linear weight and globally (merged view)."""
+    if isinstance(model_or_state, nn.Module):
+        with torch.no_grad():
+            weights = {n: m.weight.detach() for n, m in select_layers(model_or_state)}
+    else:
+        weights = {k[: -len(".weight")]: v for k, v in model_or_state.items() if k.endswith(".weight") and v.dim() in (2, 4)}
+    layers = {}
+    zeros = total = 0
+    for name, w in weights.items():
+        z = int((w == 0).sum())
+        live = int((w.flatten(1) != 0).any(dim=1).sum())
+        layers[name] = {"zeros": z, "numel": w.numel(), "sparsity": z / w.numel(), "live_channels": live, "channels": w.shape[0]}
+        zeros, total = zeros + z, total + w.numel()
+    return {"sparsity": zeros / max(total, 1), "zeros": zeros, "numel": total, "layers": layers}
+
+
+def averaged_copies(trainer: pl.Trainer) -> list[nn.Module]:
+    """The averaged models of all ``WeightAveraging`` callbacks (same names as the live module)."""
+    copies = []
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(cb, WeightAveraging) and cb._average_model is not None:
+            copies.append(cb._average_model.module)
+    return copies
+
+
+class RobustPruning(Callback):
+    """Prune once, at the start of epoch ``epoch``, to ``sparsity`` and keep the mask fixed.
+
+    Args:
+        sparsity: fraction of prunable weights (unstructured) or output channels (structured) removed.
+        epoch: 0-based epoch at whose start the mask is computed (the paper's t_p = 30 of 100).
+        mode: ``unstructured`` (global top-k |W|) or ``structured`` (global output-channel L2 norm).
+        include / exclude: fnmatch patterns over module names selecting the prunable layers
+            (default: every Conv2d and Linear).
+
+    Example::
+
+        trainer = Trainer(callbacks=[RobustPruning(sparsity=0.99, epoch=30), TemporalEnsemble()])
+    """
+
+    def __init__(
+        self,
+        sparsity: float,
+        epoch: int = 30,
+        mode: str = "unstructured",
+        include: Sequence[str] = ("*",),
+        exclude: Sequence[str] = (),
+    ) -> None:
+        if not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
+            raise ValueError(f"pruning.sparsity={sparsity!r} must be in [0, 1)")
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"pruning.epoch={epoch!r} must be an integer >= 0")
+        if mode not in MODES:
+            raise ValueError(f"pruning.mode={mode!r} is not valid; allowed values: {', '.join(MODES)}")
+        self.sparsity = float(sparsity)
+        self.epoch = epoch
+        self.mode = mode
+        self.include = tuple(include)
+        self.exclude = tuple(exclude)
+        self.pruned = False
+        self.pruned_at_step: int | None = None
+        self.selected_layers: list[str] = []
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Give every selected layer a mask now, before any averaged copy or optimizer exists."""
+        if stage != "fit":
+            return
+        if trainer.max_epochs is not None and trainer.max_epochs >= 0 and self.epoch >= trainer.max_epochs:
+            raise ValueError(
+                f"pruning.epoch={self.epoch} must be < trainer.max_epochs={trainer.max_epochs} (pruning would never run)"
+            )
+        add_masks_(pl_module, self.include, self.exclude)
+        selected = {n for n, _ in select_layers(pl_module, self.include, self.exclude)}
+        self.selected_layers = [n for n, _, _ in iter_masked(pl_module) if n in selected]
+        if not self.selected_layers:
+            raise ValueError("RobustPruning: no Conv2d/Linear layer matches pruning.include/exclude")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.pruned and trainer.current_epoch >= self.epoch:
+            self.prune(trainer, pl_module)
+
+    def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        masks = compute_masks(pl_module, self.sparsity, self.mode, self.selected_layers)
+        # Ranks hold identical weights under DDP; broadcasting makes identical masks a guarantee.
+        masks = trainer.strategy.broadcast(masks, src=0)
+        apply_masks_(pl_module, masks, trainer.optimizers)
+        for copy in averaged_copies(trainer):
+            apply_masks_(copy, masks)
+        self.pruned = True
+        self.pruned_at_step = trainer.global_step
+        report = sparsity_report({f"{n}.weight": m.weight.detach() for n, m, _ in iter_masked(pl_module) if n in masks})
+        rank_zero_info(
+            f"RobustPruning: epoch {trainer.current_epoch}, step {trainer.global_step}: {self.mode} pruning to "
+            f"{self.sparsity:.4f}; measured weight sparsity {report['sparsity']:.4f} over {len(masks)} layers"
+        )
+        pl_module.log("train/sparsity", report["sparsity"], on_step=False, on_epoch=True, sync_dist=False)
+        return masks
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pruned": self.pruned, "pruned_at_step": self.pruned_at_step, "sparsity": self.sparsity, "mode": self.mode}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # The masks themselves are buffers of the model and come back with its state_dict.
+        self.pruned = bool(state_dict["pruned"])
+        self.pruned_at_step = state_dict.get("pruned_at_step")

@@ -1,0 +1,36 @@
+"""Shared fixtures: offline W&B, quiet Lightning, paths to the offline dataset pack."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PACK_ROOT = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    wandb_dir = tmp_path_factory.mktemp("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(wandb_dir))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(wandb_dir))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def pack_root() -> Path:
+    if not (PACK_ROOT / "cifar10" / "test.npz").exists():
+        pytest.skip(f"offline dataset pack not found at {PACK_ROOT}")
+    return PACK_ROOT
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One decode cache for the whole session (decoding is the slow part of data tests)."""
+    path = os.environ.get("FREP_TEST_CACHE_DIR")
+    return Path(path) if path else tmp_path_factory.mktemp("frep-cache")

@@ -1,0 +1,91 @@
+"""Attacks stay in the threat model, BN statistics are untouched, and they actually attack."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from frep_lightning.attacks import FGSM, MIM, PGD, SignGradientAttack, check_adversarial, cross_entropy_loss, parse_eps
+from frep_lightning.objectives import SRE, CrossEntropyAT
+
+
+def bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10)
+    )
+
+
+def test_parse_eps() -> None:
+    assert parse_eps("8/255") == 8 / 255
+    assert parse_eps(0.5) == 0.5
+    for bad in ("abc", 0, -0.1, 2.0, "1/0"):
+        with pytest.raises(ValueError, match="attack.eps"):
+            parse_eps(bad)
+
+
+@pytest.mark.parametrize("attack", [FGSM(), PGD(steps=5), MIM(steps=5), SignGradientAttack(steps=3, random_start=False)])
+def test_attacks_stay_in_ball_and_box(attack: SignGradientAttack) -> None:
+    net = bn_net().eval()
+    x = torch.rand(16, 3, 8, 8)
+    x[:4] = 0.0  # corners of the box
+    x[4:8] = 1.0
+    y = torch.randint(0, 10, (16,))
+    x_adv = attack.perturb(net, x, cross_entropy_loss(y))
+    check_adversarial(x_adv, x, attack.eps)
+    assert (x_adv - x).abs().max() <= attack.eps + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_check_adversarial_raises_on_violation() -> None:
+    x = torch.rand(2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match="threat model"):
+        check_adversarial((x + 0.1).clamp(0, 1), x, 8 / 255)
+
+
+def test_training_attack_leaves_running_stats_untouched() -> None:
+    net = bn_net().train()
+    bn = net[1]
+    before = (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+    x, y = torch.rand(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    FGSM(bn="train").perturb(net, x, cross_entropy_loss(y))
+    PGD(steps=3, bn="eval").perturb(net, x, cross_entropy_loss(y))
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    assert torch.equal(bn.num_batches_tracked, before[2])
+    assert net.training and bn.momentum == 0.1
+    net(x)  # a normal training forward still updates them
+    assert not torch.equal(bn.running_mean, before[0])
+
+
+def test_attack_does_not_accumulate_parameter_gradients() -> None:
+    net = bn_net()
+    x, y = torch.rand(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    PGD(steps=2).perturb(net, x, cross_entropy_loss(y))
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_pgd_breaks_an_undefended_linear_model() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 2))
+    x = torch.rand(64, 3, 8, 8)
+    with torch.no_grad():
+        y = net(x).argmax(1)  # clean accuracy 100% by construction
+    x_adv = PGD(eps=0.25, steps=10, step_size=0.05).perturb(net.eval(), x, cross_entropy_loss(y))
+    with torch.no_grad():
+        assert (net(x_adv).argmax(1) == y).float().mean() < 0.05
+
+
+def test_sre_loss_matches_definition() -> None:
+    torch.manual_seed(0)
+    lc, la, y = torch.randn(5, 4), torch.randn(5, 4), torch.tensor([0, 1, 2, 3, 0])
+    pc, pa = lc.softmax(1), la.softmax(1)
+    onehot = torch.eye(4)[y]
+    expected = ((pc - onehot) ** 2).sum(1).mean() + 2.0 * ((pa - pc) ** 2).sum(1).mean()
+    assert torch.allclose(SRE(lam=2.0)(lc, la, y), expected)
+    assert torch.allclose(SRE().attack_loss(la, lc, y), ((pa - pc) ** 2).sum(1).mean())
+    full = SRE(attack_target="sre").attack_loss(la, lc, y)
+    assert torch.allclose(full, ((pa - pc) ** 2).sum(1).mean() + ((pa - onehot) ** 2).sum(1).mean())
+    assert torch.allclose(CrossEntropyAT()(None, la, y), nn.functional.cross_entropy(la, y))
+    with pytest.raises(ValueError, match="attack_target"):
+        SRE(attack_target="kl")

@@ -1,0 +1,151 @@
+"""TemporalEnsemble: EMA math on a hand-computed run, LR-aware interval, BN modes, checkpoint state."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from frep_lightning.ensemble import TemporalEnsemble, ema_tau
+
+
+class Climb(pl.LightningModule):
+    """One scalar w with loss -w: plain SGD moves w by +lr per step, so every value is known."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+        self.history: list[float] = []
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001
+        return -self.w * torch.ones(())
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        self.history.append(float(self.w.detach()))
+
+    def configure_optimizers(self):  # noqa: ANN201
+        opt = torch.optim.SGD(self.parameters(), lr=1.0)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.MultiStepLR(opt, [2], 0.1)}
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.zeros(2, 1)), batch_size=1)
+
+
+def fit(module: pl.LightningModule, callbacks: list, epochs: int, tmp_path) -> pl.Trainer:  # noqa: ANN001
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module)
+    return trainer
+
+
+def test_tau_schedule() -> None:
+    assert ema_tau(0, 0.999, 10) == 0.0  # first update copies the live model
+    assert ema_tau(10, 0.999, 10) == 0.5
+    assert ema_tau(10**6, 0.999, 10) == 0.999
+
+
+def test_hand_computed_three_updates_with_lr_drop(tmp_path) -> None:  # noqa: ANN001
+    # lr 1.0 for epochs 0-1 and 0.1 from epoch 2; 2 steps per epoch; w after step t:
+    #   t: 1    2    3    4    5    6    7    8
+    #   w: 1.0  2.0  3.0  4.0  4.1  4.2  4.3  4.4
+    # every_n_steps=2, factor 2 -> interval 4 once the LR drop is seen (t=5); tau0=0.9, c=1:
+    #   t=2: n=0, tau=0        -> W_TE = 2.0
+    #   t=4: n=1, tau=1/2      -> W_TE = 0.5*2.0 + 0.5*4.0 = 3.0
+    #   t=6: skipped (6 % 4 != 0; it would be an update without the interval change)
+    #   t=8: n=2, tau=2/3      -> W_TE = (2/3)*3.0 + (1/3)*4.4 = 3.4666...
+    module = Climb()
+    ens = TemporalEnsemble(tau0=0.9, c=1.0, every_n_steps=2, interval_factor=2)
+    fit(module, [ens], epochs=4, tmp_path=tmp_path)
+    assert module.history == pytest.approx([1.0, 2.0, 3.0, 4.0, 4.1, 4.2, 4.3, 4.4])
+    assert ens.n_updates == 3
+    assert ens.interval == 4
+    assert ens.last_tau == pytest.approx(2 / 3)
+    expected = (2 / 3) * 3.0 + (1 / 3) * 4.4
+    assert float(ens._average_model.module.w.detach()) == pytest.approx(expected, abs=1e-6)
+    # the ensemble, not the live weight (4.4), is what the module holds after training
+    assert float(module.w.detach()) == pytest.approx(expected, abs=1e-6)
+
+
+def test_without_lr_drop_interval_stays(tmp_path) -> None:  # noqa: ANN001
+    module = Climb()
+    ens = TemporalEnsemble(tau0=0.9, c=1.0, every_n_steps=2, interval_factor=2, lr_drop_ratio=0.01)
+    fit(module, [ens], epochs=4, tmp_path=tmp_path)
+    assert ens.interval == 2 and ens.n_updates == 4
+
+
+def test_no_update_keeps_live_model_with_warning(tmp_path) -> None:  # noqa: ANN001
+    module = Climb()
+    ens = TemporalEnsemble(every_n_steps=100)
+    with pytest.warns(UserWarning, match="no update"):
+        fit(module, [ens], epochs=1, tmp_path=tmp_path)
+    assert float(module.w.detach()) == pytest.approx(2.0)
+
+
+class BNNet(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+
+    def forward(self, x):  # noqa: ANN001, ANN201
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):  # noqa: ANN201
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(64, 4, generator=g) * 3 + 1
+        return DataLoader(TensorDataset(x, torch.randint(0, 2, (64,), generator=g)), batch_size=16)
+
+
+def test_bn_recompute_gives_statistics_of_the_ensemble_weights(tmp_path) -> None:  # noqa: ANN001
+    module = BNNet()
+    ens = TemporalEnsemble(every_n_steps=2, bn="recompute", bn_batches=4)
+    fit(module, [ens], epochs=2, tmp_path=tmp_path)
+    avg = ens._average_model.module
+    # reference: cumulative BN statistics of the ensemble's own first layer over the 4 batches
+    with torch.no_grad():
+        x = torch.cat([b[0] for b in module.train_dataloader()])
+        h = avg.net[0](x)
+    bn = avg.net[1]
+    assert torch.allclose(bn.running_mean, h.mean(0), atol=1e-5)
+    # update_bn-style estimate: mean of per-batch unbiased variances
+    per_batch = torch.stack([h[i : i + 16].var(0, unbiased=True) for i in range(0, 64, 16)]).mean(0)
+    assert torch.allclose(bn.running_var, per_batch, atol=1e-5)
+    assert torch.equal(module.net[1].running_mean, bn.running_mean)  # copied to the module at the end
+
+
+def test_bn_copy_mode_copies_live_buffers(tmp_path) -> None:  # noqa: ANN001
+    module = BNNet()
+    ens = TemporalEnsemble(every_n_steps=4, bn="copy")  # 4 steps/epoch: last update at the last step
+    fit(module, [ens], epochs=1, tmp_path=tmp_path)
+    live_mean = module.net[1].running_mean.clone()
+    assert torch.equal(ens._average_model.module.net[1].running_mean, live_mean)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"tau0": 1.0}, "ensemble.tau0"),
+        ({"tau0": 0.0}, "ensemble.tau0"),
+        ({"c": 0}, "ensemble.c"),
+        ({"every_n_steps": 0}, "ensemble.every_n_steps"),
+        ({"bn": "freeze"}, "ensemble.bn"),
+    ],
+)
+def test_arguments_are_validated(kwargs: dict, key: str) -> None:
+    with pytest.raises(ValueError, match=key):
+        TemporalEnsemble(**kwargs)
