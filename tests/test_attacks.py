@@ -25,7 +25,9 @@ def test_parse_eps() -> None:
             parse_eps(bad)
 
 
-@pytest.mark.parametrize("attack", [FGSM(), PGD(steps=5), MIM(steps=5), SignGradientAttack(steps=3, random_start=False)])
+@pytest.mark.parametrize(
+    "attack", [FGSM(), PGD(steps=5), MIM(steps=5), SignGradientAttack(steps=3, random_start=False)]
+)
 def test_attacks_stay_in_ball_and_box(attack: SignGradientAttack) -> None:
     net = bn_net().eval()
     x = torch.rand(16, 3, 8, 8)

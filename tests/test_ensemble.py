@@ -19,13 +19,13 @@ class Climb(pl.LightningModule):
         self.w = nn.Parameter(torch.zeros(()))
         self.history: list[float] = []
 
-    def training_step(self, batch, batch_idx):  # noqa: ANN001
+    def training_step(self, batch, batch_idx):
         return -self.w * torch.ones(())
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.history.append(float(self.w.detach()))
 
-    def configure_optimizers(self):  # noqa: ANN201
+    def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=1.0)
         return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.MultiStepLR(opt, [2], 0.1)}
 
@@ -33,7 +33,7 @@ class Climb(pl.LightningModule):
         return DataLoader(TensorDataset(torch.zeros(2, 1)), batch_size=1)
 
 
-def fit(module: pl.LightningModule, callbacks: list, epochs: int, tmp_path) -> pl.Trainer:  # noqa: ANN001
+def fit(module: pl.LightningModule, callbacks: list, epochs: int, tmp_path) -> pl.Trainer:
     trainer = pl.Trainer(
         max_epochs=epochs,
         callbacks=callbacks,
@@ -53,7 +53,7 @@ def test_tau_schedule() -> None:
     assert ema_tau(10**6, 0.999, 10) == 0.999
 
 
-def test_hand_computed_three_updates_with_lr_drop(tmp_path) -> None:  # noqa: ANN001
+def test_hand_computed_three_updates_with_lr_drop(tmp_path) -> None:
     # lr 1.0 for epochs 0-1 and 0.1 from epoch 2; 2 steps per epoch; w after step t:
     #   t: 1    2    3    4    5    6    7    8
     #   w: 1.0  2.0  3.0  4.0  4.1  4.2  4.3  4.4
@@ -75,14 +75,14 @@ def test_hand_computed_three_updates_with_lr_drop(tmp_path) -> None:  # noqa: AN
     assert float(module.w.detach()) == pytest.approx(expected, abs=1e-6)
 
 
-def test_without_lr_drop_interval_stays(tmp_path) -> None:  # noqa: ANN001
+def test_without_lr_drop_interval_stays(tmp_path) -> None:
     module = Climb()
     ens = TemporalEnsemble(tau0=0.9, c=1.0, every_n_steps=2, interval_factor=2, lr_drop_ratio=0.01)
     fit(module, [ens], epochs=4, tmp_path=tmp_path)
     assert ens.interval == 2 and ens.n_updates == 4
 
 
-def test_no_update_keeps_live_model_with_warning(tmp_path) -> None:  # noqa: ANN001
+def test_no_update_keeps_live_model_with_warning(tmp_path) -> None:
     module = Climb()
     ens = TemporalEnsemble(every_n_steps=100)
     with pytest.warns(UserWarning, match="no update"):
@@ -95,14 +95,14 @@ class BNNet(pl.LightningModule):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
 
-    def forward(self, x):  # noqa: ANN001, ANN201
+    def forward(self, x):
         return self.net(x)
 
-    def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+    def training_step(self, batch, batch_idx):
         x, y = batch
         return nn.functional.cross_entropy(self(x), y)
 
-    def configure_optimizers(self):  # noqa: ANN201
+    def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
     def train_dataloader(self) -> DataLoader:
@@ -111,7 +111,7 @@ class BNNet(pl.LightningModule):
         return DataLoader(TensorDataset(x, torch.randint(0, 2, (64,), generator=g)), batch_size=16)
 
 
-def test_bn_recompute_gives_statistics_of_the_ensemble_weights(tmp_path) -> None:  # noqa: ANN001
+def test_bn_recompute_gives_statistics_of_the_ensemble_weights(tmp_path) -> None:
     module = BNNet()
     ens = TemporalEnsemble(every_n_steps=2, bn="recompute", bn_batches=4)
     fit(module, [ens], epochs=2, tmp_path=tmp_path)
@@ -128,7 +128,7 @@ def test_bn_recompute_gives_statistics_of_the_ensemble_weights(tmp_path) -> None
     assert torch.equal(module.net[1].running_mean, bn.running_mean)  # copied to the module at the end
 
 
-def test_bn_copy_mode_copies_live_buffers(tmp_path) -> None:  # noqa: ANN001
+def test_bn_copy_mode_copies_live_buffers(tmp_path) -> None:
     module = BNNet()
     ens = TemporalEnsemble(every_n_steps=4, bn="copy")  # 4 steps/epoch: last update at the last step
     fit(module, [ens], epochs=1, tmp_path=tmp_path)

@@ -33,8 +33,14 @@ def small_net() -> nn.Module:
     )
 
 
-CASES = [("hadamard", "random"), ("hadamard", "equal"), ("hadamard", "ones"), ("channel", "random"),
-         ("channel", "ones"), ("none", "random")]
+CASES = [
+    ("hadamard", "random"),
+    ("hadamard", "equal"),
+    ("hadamard", "ones"),
+    ("channel", "random"),
+    ("channel", "ones"),
+    ("none", "random"),
+]
 
 
 @pytest.mark.parametrize(("kind", "init"), CASES)

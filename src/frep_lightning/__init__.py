@@ -4,13 +4,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from frep_lightning.attacks import FGSM, MIM, PGD, SignGradientAttack  # noqa: E402
-from frep_lightning.ensemble import TemporalEnsemble  # noqa: E402
-from frep_lightning.export import MergeReparameterization  # noqa: E402
-from frep_lightning.module import FReP  # noqa: E402
-from frep_lightning.objectives import SRE, CrossEntropyAT  # noqa: E402
-from frep_lightning.pruning import RobustPruning, apply_masks_, compute_masks, sparsity_report  # noqa: E402
-from frep_lightning.reparam import add_masks_, merge_, reparameterize_  # noqa: E402
+from frep_lightning.attacks import FGSM, MIM, PGD, SignGradientAttack
+from frep_lightning.ensemble import TemporalEnsemble
+from frep_lightning.export import MergeReparameterization
+from frep_lightning.module import FReP
+from frep_lightning.objectives import SRE, CrossEntropyAT
+from frep_lightning.pruning import RobustPruning, apply_masks_, compute_masks, sparsity_report
+from frep_lightning.reparam import add_masks_, merge_, reparameterize_
 
 __all__ = [
     "FGSM",

@@ -158,13 +158,19 @@ class SignGradientAttack:
         return x_adv.detach()
 
 
-def FGSM(eps: float | str = "8/255", random_start: bool = True, step_size: float | str | None = None, bn: str = "train"):
+def FGSM(
+    eps: float | str = "8/255", random_start: bool = True, step_size: float | str | None = None, bn: str = "train"
+):
     """FGSM with uniform random start and step eps (FReP's training attack, Alg. 1 lines 4-6)."""
     return SignGradientAttack(eps=eps, steps=1, step_size=step_size, random_start=random_start, bn=bn)
 
 
 def PGD(
-    eps: float | str = "8/255", steps: int = 10, step_size: float | str = "2/255", random_start: bool = True, bn: str = "train"
+    eps: float | str = "8/255",
+    steps: int = 10,
+    step_size: float | str = "2/255",
+    random_start: bool = True,
+    bn: str = "train",
 ) -> SignGradientAttack:
     """Madry et al. PGD-k with random start."""
     return SignGradientAttack(eps=eps, steps=steps, step_size=step_size, random_start=random_start, bn=bn)

@@ -239,7 +239,9 @@ class TemporalEnsemble(WeightAveraging):
         self._copy_average_to_current(pl_module)
 
     # -- checkpoint ---------------------------------------------------------------------
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         """``state_dict`` holds the ensemble (the kept model), ``current_model_state`` the live one."""
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
         if self._average_model is not None and self.n_updates == 0:

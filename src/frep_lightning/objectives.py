@@ -83,5 +83,3 @@ class CrossEntropyAT(Objective):
 
 def accuracy(logits: Tensor, y: Tensor) -> Tensor:
     return (logits.argmax(dim=1) == y).float().mean()
-
-

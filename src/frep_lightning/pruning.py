@@ -88,9 +88,7 @@ def compute_masks(
 
 
 @torch.no_grad()
-def apply_masks_(
-    model: nn.Module, masks: dict[str, Tensor], optimizers: Sequence[torch.optim.Optimizer] = ()
-) -> None:
+def apply_masks_(model: nn.Module, masks: dict[str, Tensor], optimizers: Sequence[torch.optim.Optimizer] = ()) -> None:
     """Write ``masks`` into ``model``'s mask buffers by module name; zero the factor entries that
     only feed pruned weights, and the same entries of every optimizer state tensor."""
     layers = {n: (m, p) for n, m, p in iter_masked(model)}
@@ -116,13 +114,21 @@ def sparsity_report(model_or_state: nn.Module | dict[str, Tensor]) -> dict[str, 
         with torch.no_grad():
             weights = {n: m.weight.detach() for n, m in select_layers(model_or_state)}
     else:
-        weights = {k[: -len(".weight")]: v for k, v in model_or_state.items() if k.endswith(".weight") and v.dim() in (2, 4)}
+        weights = {
+            k[: -len(".weight")]: v for k, v in model_or_state.items() if k.endswith(".weight") and v.dim() in (2, 4)
+        }
     layers = {}
     zeros = total = 0
     for name, w in weights.items():
         z = int((w == 0).sum())
         live = int((w.flatten(1) != 0).any(dim=1).sum())
-        layers[name] = {"zeros": z, "numel": w.numel(), "sparsity": z / w.numel(), "live_channels": live, "channels": w.shape[0]}
+        layers[name] = {
+            "zeros": z,
+            "numel": w.numel(),
+            "sparsity": z / w.numel(),
+            "live_channels": live,
+            "channels": w.shape[0],
+        }
         zeros, total = zeros + z, total + w.numel()
     return {"sparsity": zeros / max(total, 1), "zeros": zeros, "numel": total, "layers": layers}
 
@@ -180,7 +186,8 @@ class RobustPruning(Callback):
             return
         if trainer.max_epochs is not None and trainer.max_epochs >= 0 and self.epoch >= trainer.max_epochs:
             raise ValueError(
-                f"pruning.epoch={self.epoch} must be < trainer.max_epochs={trainer.max_epochs} (pruning would never run)"
+                f"pruning.epoch={self.epoch} must be < trainer.max_epochs={trainer.max_epochs} "
+                "(pruning would never run)"
             )
         add_masks_(pl_module, self.include, self.exclude)
         selected = {n for n, _ in select_layers(pl_module, self.include, self.exclude)}
@@ -210,7 +217,12 @@ class RobustPruning(Callback):
         return masks
 
     def state_dict(self) -> dict[str, Any]:
-        return {"pruned": self.pruned, "pruned_at_step": self.pruned_at_step, "sparsity": self.sparsity, "mode": self.mode}
+        return {
+            "pruned": self.pruned,
+            "pruned_at_step": self.pruned_at_step,
+            "sparsity": self.sparsity,
+            "mode": self.mode,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # The masks themselves are buffers of the model and come back with its state_dict.

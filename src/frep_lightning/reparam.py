@@ -86,9 +86,10 @@ def select_layers(
     """Conv2d/Linear layers whose qualified name matches ``include`` and none of ``exclude``."""
     chosen = []
     for name, module in model.named_modules():
-        if not isinstance(module, PRUNABLE_TYPES) and parametrize.type_before_parametrizations(
-            module
-        ) not in PRUNABLE_TYPES:
+        if (
+            not isinstance(module, PRUNABLE_TYPES)
+            and parametrize.type_before_parametrizations(module) not in PRUNABLE_TYPES
+        ):
             continue
         if not any(fnmatch.fnmatchcase(name, p) for p in include):
             continue
@@ -124,9 +125,7 @@ def factors(module: nn.Module) -> list[Tensor]:
     return [getattr(plist, f"original{i}") for i in range(plist.ntensors)]
 
 
-def _init_factors(
-    module: nn.Module, w0: Tensor, kind: str, init: str, generator: torch.Generator | None
-) -> None:
+def _init_factors(module: nn.Module, w0: Tensor, kind: str, init: str, generator: torch.Generator | None) -> None:
     """Paper Sec. IV-E inits, from the layer's initial weight ``w0``. ``random``: both factors are
     drawn from the layer's own init distribution (W2 is a random permutation of ``w0``'s entries,
     so any model-specific init scheme is respected); ``equal``: W2 = |W1|; ``ones``: W2 = 1.

@@ -160,7 +160,7 @@ def _prunable_keys(trainer: pl.Trainer, export: MergeReparameterization) -> list
     prefix = f"{export.attr}." if export.attr else ""
     for cb in trainer.callbacks:  # type: ignore[attr-defined]
         if isinstance(cb, RobustPruning):
-            return [f"{n[len(prefix):]}.weight" for n in cb.selected_layers if n.startswith(prefix)]
+            return [f"{n[len(prefix) :]}.weight" for n in cb.selected_layers if n.startswith(prefix)]
     return [f"{name}.weight" for name in export.report["layers"]]
 
 
