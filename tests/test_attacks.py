@@ -91,3 +91,16 @@ def test_sre_loss_matches_definition() -> None:
     assert torch.allclose(CrossEntropyAT()(None, la, y), nn.functional.cross_entropy(la, y))
     with pytest.raises(ValueError, match="attack_target"):
         SRE(attack_target="kl")
+
+
+def test_overfitting_monitor_warns_on_collapse() -> None:
+    from frep_lightning.monitor import RobustnessMonitor
+
+    mon = RobustnessMonitor()
+    assert not mon.observe(0.15, 0)
+    assert not mon.observe(0.05, 0)  # best below min_best: nothing to compare with yet
+    assert not mon.observe(0.30, 1)
+    assert not mon.observe(0.25, 2)  # a dip, not a collapse
+    with pytest.warns(UserWarning, match="CATASTROPHIC OVERFITTING"):
+        assert mon.observe(0.02, 3)
+    assert mon.collapsed_epochs == [3] and mon.best == 0.30

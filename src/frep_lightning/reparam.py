@@ -12,6 +12,7 @@ masked product, so the exported model is an ordinary torchvision-style module.
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import math
 from collections.abc import Iterator, Sequence
@@ -214,6 +215,14 @@ def merge_(model: nn.Module) -> nn.Module:
         params = module._parameters
         module._parameters = type(params)([("weight", params.pop("weight")), *params.items()])
     return model
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """A merged copy of ``model`` (plain modules, identical outputs); ``model`` is left as it is."""
+    return merge_(copy.deepcopy(model))
+
+
+reparameterize = reparameterize_
 
 
 def merged_weights(model: nn.Module) -> dict[str, Tensor]:

@@ -28,6 +28,7 @@ from frep_lightning.config import enabled, num_classes, validate_train_config
 from frep_lightning.evaluate import evaluate
 from frep_lightning.export import MergeReparameterization, write_json
 from frep_lightning.module import FReP
+from frep_lightning.monitor import RobustnessMonitor
 from frep_lightning.pruning import RobustPruning, sparsity_report
 
 log = logging.getLogger("frep_lightning")
@@ -67,6 +68,8 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> tuple[list[Callback], Mer
         callbacks.append(instantiate(cfg.pruning))
     if enabled(cfg.get("ensemble")):
         callbacks.append(instantiate(cfg.ensemble))
+    if cfg.get("monitor") is not None:
+        callbacks.append(RobustnessMonitor(**OmegaConf.to_container(cfg.monitor, resolve=True)))  # type: ignore[arg-type]
     export = MergeReparameterization(dirpath=str(run_dir), filename="model.pt", attr="model")
     callbacks.append(export)
     callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0))
@@ -149,6 +152,7 @@ def summarize(
         "device": _device_name(device),
         "seed": cfg.seed,
         "model_path": str(export.path),
+        "overfitting_epochs": _collapsed_epochs(trainer),
         "frep_lightning": __version__,
         "torch": torch.__version__,
     }
@@ -162,6 +166,14 @@ def _prunable_keys(trainer: pl.Trainer, export: MergeReparameterization) -> list
         if isinstance(cb, RobustPruning):
             return [f"{n[len(prefix) :]}.weight" for n in cb.selected_layers if n.startswith(prefix)]
     return [f"{name}.weight" for name in export.report["layers"]]
+
+
+def _collapsed_epochs(trainer: pl.Trainer) -> list[int] | None:
+    """Epochs where the robustness monitor saw PGD accuracy collapse (None: not monitored)."""
+    for cb in trainer.callbacks:  # type: ignore[attr-defined]
+        if isinstance(cb, RobustnessMonitor):
+            return list(cb.collapsed_epochs)
+    return None
 
 
 def _device_name(device: torch.device) -> str:

@@ -1,0 +1,82 @@
+"""Catastrophic-overfitting watch for single-step adversarial training.
+
+FGSM-style training can collapse silently: FGSM accuracy keeps rising while PGD accuracy drops to
+~0 within an epoch. Each epoch this callback measures PGD accuracy of the *live* model on a fixed,
+unaugmented subset of training images (``datamodule.train_subset_loader``), logs it as
+``train/pgd_subset``, and warns loudly when it falls below ``collapse_ratio`` of its best value.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from frep_lightning.attacks import PGD, cross_entropy_loss, eval_mode
+
+
+class RobustnessMonitor(Callback):
+    """Args: ``n_images`` fixed training images, PGD-``steps`` at ``eps``; ``collapse_ratio``: warn
+    when accuracy < ratio x best (once the best is at least ``min_best``)."""
+
+    def __init__(
+        self,
+        n_images: int = 256,
+        steps: int = 10,
+        eps: float | str = "8/255",
+        step_size: float | str = "2/255",
+        collapse_ratio: float = 0.5,
+        min_best: float = 0.2,
+        batch_size: int = 256,
+    ) -> None:
+        if not isinstance(n_images, int) or n_images <= 0:
+            raise ValueError(f"monitor.n_images={n_images!r} must be an integer > 0")
+        if not 0 < collapse_ratio < 1:
+            raise ValueError(f"monitor.collapse_ratio={collapse_ratio!r} must be in (0, 1)")
+        self.attack = PGD(eps=eps, steps=steps, step_size=step_size)
+        self.n_images, self.batch_size = n_images, batch_size
+        self.collapse_ratio, self.min_best = collapse_ratio, min_best
+        self.best = 0.0
+        self.history: list[float] = []
+        self.collapsed_epochs: list[int] = []
+
+    def observe(self, acc: float, epoch: int) -> bool:
+        """Record one measurement; True (and a loud warning) when it looks like a collapse."""
+        self.history.append(acc)
+        collapsed = self.best >= self.min_best and acc < self.collapse_ratio * self.best
+        self.best = max(self.best, acc)
+        if collapsed:
+            self.collapsed_epochs.append(epoch)
+            rank_zero_warn(
+                f"CATASTROPHIC OVERFITTING suspected at epoch {epoch}: PGD-{self.attack.steps} accuracy on "
+                f"{self.n_images} training images fell to {acc:.3f} from a best of {self.best:.3f}. Single-step "
+                "robustness is no longer real; check the attack (random start, step size) and the objective."
+            )
+        return collapsed
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loader_fn = getattr(trainer.datamodule, "train_subset_loader", None) if trainer.datamodule else None
+        if loader_fn is None:
+            return
+        correct = total = 0
+        with eval_mode(pl_module):
+            for x, y in loader_fn(self.n_images, self.batch_size):
+                x, y = x.to(pl_module.device), y.to(pl_module.device)
+                x_adv = self.attack.perturb(pl_module, x, cross_entropy_loss(y))
+                with torch.no_grad():
+                    correct += int((pl_module(x_adv).argmax(1) == y).sum())
+                total += len(y)
+        acc = correct / max(total, 1)
+        pl_module.log("train/pgd_subset", acc, on_epoch=True)
+        self.observe(acc, trainer.current_epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "history": self.history, "collapsed_epochs": self.collapsed_epochs}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = state_dict["best"]
+        self.history = list(state_dict["history"])
+        self.collapsed_epochs = list(state_dict["collapsed_epochs"])
