@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from frep_lightning.attacks import parse_eps
 
@@ -21,12 +21,7 @@ class ConfigError(ValueError):
 
 
 def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
-    node: Any = cfg
-    for part in key.split("."):
-        if node is None or part not in node:
-            return default
-        node = node[part]
-    return node
+    return OmegaConf.select(cfg, key, default=default)
 
 
 def enabled(node: Any) -> bool:

@@ -87,10 +87,7 @@ def select_layers(
     """Conv2d/Linear layers whose qualified name matches ``include`` and none of ``exclude``."""
     chosen = []
     for name, module in model.named_modules():
-        if (
-            not isinstance(module, PRUNABLE_TYPES)
-            and parametrize.type_before_parametrizations(module) not in PRUNABLE_TYPES
-        ):
+        if not isinstance(module, PRUNABLE_TYPES):  # parametrized layers subclass their original type
             continue
         if not any(fnmatch.fnmatchcase(name, p) for p in include):
             continue
