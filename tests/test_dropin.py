@@ -109,3 +109,37 @@ def test_callbacks_in_a_foreign_module(tmp_path, reparam, mode, sparsity) -> Non
     x = torch.rand(4, 3, 32, 32)
     with torch.no_grad():
         assert (plain(x) - ens(x)).abs().max().item() < 1e-5
+
+
+def test_frep_module_keeps_pruned_weights_zero_every_step(tmp_path) -> None:
+    """The same during-run check on our own FReP module (SRE + FGSM-RS step, Hadamard factors)."""
+    from frep_lightning import FReP
+    from frep_lightning.models import build_model
+
+    torch.manual_seed(0)
+    module = FReP(build_model("resnet18", width=4), milestones=[2], val_attack_steps=0)
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(
+        TensorDataset(torch.rand(24, 3, 32, 32, generator=g), torch.randint(0, 10, (24,), generator=g)), batch_size=8
+    )
+    pruning = RobustPruning(sparsity=0.98, epoch=1)
+    ensemble = TemporalEnsemble(every_n_steps=2, bn_batches=2)
+    export = MergeReparameterization(dirpath=str(tmp_path))
+    watch = ZeroWatch(pruning, ensemble)
+    trainer = pl.Trainer(
+        max_epochs=3,
+        callbacks=[pruning, ensemble, export, watch],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, train_dataloaders=data, val_dataloaders=DataLoader(data.dataset, batch_size=12))
+    assert watch.checked == 6 and ensemble.interval == 20
+    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    plain = build_model("resnet18", width=4)
+    plain.load_state_dict(state, strict=True)
+    weights = [m.weight for m in plain.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    zeros = sum(int((w == 0).sum()) for w in weights)
+    assert abs(zeros / sum(w.numel() for w in weights) - 0.98) < 1e-3
