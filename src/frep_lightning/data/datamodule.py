@@ -1,17 +1,18 @@
 """CIFAR-10/100 and SVHN as a LightningDataModule, from the offline pack or torchvision.
 
 Every batch a model sees is ``(x, y)`` with ``x`` float32 in [0, 1] (B×3×32×32) and ``y``
-int64: normalisation lives in the model. Training batches get random crop (pad 4) + flip (no
-flip for SVHN, whose digits are not mirror-symmetric), applied per batch in the collate
-function. Validation and test use fixed class-balanced subsets of the test split.
+int64: normalisation lives in the model, so exported models take raw pixels. Images stay uint8
+in memory (150 MB for CIFAR-10 train); training batches get random crop (pad 4) + flip (no flip
+for SVHN, whose digits are not mirror-symmetric) in the collate function, per batch.
+Validation and final test use fixed class-balanced subsets of the test split.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import os
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -24,42 +25,85 @@ from frep_lightning.data.pack import load_pack
 
 DATASETS = {"cifar10": 10, "cifar100": 100, "svhn": 10}
 FORMATS = ("auto", "pack", "torchvision")
+CROP_PADDING = 4
+_CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# what torchvision leaves under root once a dataset is downloaded and extracted
+_TORCHVISION_FILES = {
+    "cifar10": ("cifar-10-batches-py",),
+    "cifar100": ("cifar-100-python",),
+    "svhn": ("train_32x32.mat", "test_32x32.mat"),
+}
 
 
-def resolve_root(root: str | os.PathLike[str] | None) -> Path:
-    """``root``, else $FREP_DATA_DIR, else ``../shared/data`` beside the checkout, else ./data."""
+def resolve_root(root: str | os.PathLike[str] | None = None) -> Path:
+    """``root`` if given, else ``$FREP_DATA_DIR``, else ``../shared/data`` beside the checkout
+    (the offline pack's home) when it exists, else ``./data``."""
     if root:
         return Path(root).expanduser()
-    if os.environ.get("FREP_DATA_DIR"):
-        return Path(os.environ["FREP_DATA_DIR"]).expanduser()
-    shared = Path(__file__).resolve().parents[3].parent / "shared" / "data"
+    env = os.environ.get("FREP_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    repo = Path(__file__).resolve().parents[3]  # src/frep_lightning/data/datamodule.py -> repo root
+    shared = repo.parent / "shared" / "data"
     return shared if shared.is_dir() else Path("data")
 
 
 def balanced_indices(labels: Tensor, n: int | None, seed: int) -> Tensor:
-    """A fixed, class-balanced subset of size ``n`` (all indices when ``n`` is None)."""
-    if n is None or n >= len(labels):
+    """Indices of a fixed class-balanced subset of exactly ``min(n, len(labels))`` items
+    (all indices, in order, when ``n`` is None).
+
+    Takes the first ceil(n / classes) of each class in a permutation seeded by ``seed``, visiting
+    classes round-robin, and stops at ``n``: trimming is deterministic and keeps the balance, and
+    a class with too few items is topped up from the others. Returned in permutation order, so
+    consecutive batches of an unshuffled loader are mixed across classes.
+    """
+    if n is None:
         return torch.arange(len(labels))
-    g = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(len(labels), generator=g)
-    classes = labels.unique()
-    per_class = math.ceil(n / len(classes))
-    chosen = torch.cat([perm[labels[perm] == c][:per_class] for c in classes])
-    # interleave classes so trimming keeps the balance, then trim to exactly n
-    order = torch.argsort(torch.cat([torch.arange((labels[chosen] == c).sum()) for c in classes]), stable=True)
-    return chosen[order][:n].sort().values
+    labels = labels.long()
+    n = min(n, len(labels))
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    lab = labels[perm]
+    order = torch.argsort(lab, stable=True)  # by class, permutation order inside a class
+    counts = torch.bincount(lab)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(lab)
+    rank[order] = torch.arange(len(lab)) - starts[lab[order]]  # position inside its class
+    key = rank * len(counts) + lab  # round-robin over classes, rank by rank
+    chosen = torch.zeros(len(lab), dtype=torch.bool)
+    chosen[torch.argsort(key)[:n]] = True
+    return perm[chosen]
 
 
-def _collate(batch: list[tuple[Tensor, Tensor]], augment: bool, flip: bool) -> tuple[Tensor, Tensor]:
+def collate_uint8(
+    batch: list[tuple[Tensor, Tensor]], augment: bool = False, flip: bool = True, padding: int = CROP_PADDING
+) -> tuple[Tensor, Tensor]:
+    """Stack uint8 samples, augment the whole batch at once, return float32 [0, 1] + int64 labels.
+
+    Module-level (used through functools.partial) so DataLoader workers can pickle it.
+    """
     x = torch.stack([b[0] for b in batch])
     y = torch.stack([b[1] for b in batch])
     if augment:
-        x = random_crop_flip(x, padding=4, flip=flip)
+        x = random_crop_flip(x, padding=padding, flip=flip)
     return to_float(x), y
 
 
+def _positive_int(key: str, value: Any, allow_none: bool = False, minimum: int = 1) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = f"an integer >= {minimum}" if minimum != 1 else "an integer > 0"
+        raise ValueError(f"data.{key} must be {what}{' or null' if allow_none else ''}, got {value!r}")
+
+
+def _one_of(key: str, value: Any, allowed: tuple[str, ...] | list[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"data.{key}={value!r} is not valid; allowed: {', '.join(allowed)}")
+
+
 class ImageClassificationData(pl.LightningDataModule):
-    """See the module docstring. Arguments are validated here, before anything is read."""
+    """See the module docstring. Every argument is validated here, before anything is read, and
+    errors name the config key (``data.<arg>``) with the allowed values."""
 
     def __init__(
         self,
@@ -78,18 +122,21 @@ class ImageClassificationData(pl.LightningDataModule):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        if name not in DATASETS:
-            raise ValueError(f"data.name={name!r} is not valid; allowed values: {', '.join(DATASETS)}")
-        if format not in FORMATS:
-            raise ValueError(f"data.format={format!r} is not valid; allowed values: {', '.join(FORMATS)}")
-        for key, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"data.{key}={value!r} must be an integer > 0")
+        _one_of("name", name, list(DATASETS))
+        if root is not None and (not isinstance(root, (str, os.PathLike)) or not str(root)):
+            raise ValueError(f"data.root must be a non-empty path or null, got {root!r}")
+        _one_of("format", format, FORMATS)
+        for key, flag in (("download", download), ("augment", augment)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"data.{key} must be true or false, got {flag!r}")
+        _positive_int("batch_size", batch_size)
+        _positive_int("eval_batch_size", eval_batch_size)
         for key, value in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ValueError(f"data.{key}={value!r} must be null or an integer > 0")
-        if not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"data.num_workers={num_workers!r} must be an integer >= 0")
+            _positive_int(key, value, allow_none=True)
+        _positive_int("num_workers", num_workers, minimum=0)
+        _positive_int("seed", seed, minimum=0)
+        if cache_dir is not None and (not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir)):
+            raise ValueError(f"data.cache_dir must be a non-empty path or null, got {cache_dir!r}")
         self.name = name
         self.root = resolve_root(root)
         self.format = format
@@ -102,102 +149,153 @@ class ImageClassificationData(pl.LightningDataModule):
         self.flip = name != "svhn"
         self.seed = seed
         self.cache_dir = cache_dir
-        self.classes: list[str] = []
-        self._train: tuple[Tensor, Tensor] | None = None
-        self._test: tuple[Tensor, Tensor] | None = None
+        self._classes: list[str] | None = None
+        self._train: tuple[Tensor, Tensor] | None = None  # the n_train subset
+        self._test: tuple[Tensor, Tensor] | None = None  # the whole test split
 
+    # ---- metadata ---------------------------------------------------------------------------
     @property
     def num_classes(self) -> int:
         return DATASETS[self.name]
 
-    def _pack_dir(self) -> Path:
-        return self.root / self.name
+    @property
+    def classes(self) -> list[str]:
+        """Class names by label (loads the test split when they are not known statically)."""
+        if self._classes is None:
+            if self.name == "cifar10":
+                return list(_CIFAR10_CLASSES)
+            if self.name == "svhn":
+                return [str(d) for d in range(10)]
+            self._ensure_test()
+        assert self._classes is not None
+        return list(self._classes)
 
-    def _torchvision_ready(self) -> bool:
-        markers = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python", "svhn": "train_32x32.mat"}
-        return (self.root / markers[self.name]).exists()
+    # ---- locating the files -----------------------------------------------------------------
+    def pack_paths(self) -> dict[str, Path]:
+        return {split: self.root / self.name / f"{split}.npz" for split in ("train", "test")}
 
-    def resolved_format(self) -> str:
-        if self.format != "auto":
-            return self.format
-        return "pack" if (self._pack_dir() / "train.npz").is_file() else "torchvision"
+    def torchvision_paths(self) -> list[Path]:
+        return [self.root / f for f in _TORCHVISION_FILES[self.name]]
 
-    def check_available(self) -> None:
-        """Fail early, naming data.root and what was looked for, without reading any image."""
-        fmt = self.resolved_format()
-        if fmt == "pack":
-            for split in ("train", "test"):
-                if not (self._pack_dir() / f"{split}.npz").is_file():
-                    raise FileNotFoundError(
-                        f"data.root={self.root}: offline pack file {self._pack_dir() / split}.npz missing"
-                    )
-        elif not self.download and not self._torchvision_ready():
-            raise FileNotFoundError(
-                f"data.root={self.root}: no {self.name} data found (tried the offline pack "
-                f"{self._pack_dir()}/train.npz and torchvision files under {self.root}); "
-                "set data.root to where they are, or data.download=true"
-            )
+    def _missing(self, tried: list[Path]) -> FileNotFoundError:
+        listed = ", ".join(str(p) for p in tried)
+        return FileNotFoundError(
+            f"data.root={str(self.root)!r}: no {self.name} data found (data.format={self.format}); "
+            f"tried {listed}. "
+            f"Set data.root to the directory holding {self.name}/train.npz and test.npz (the offline pack) "
+            f"or torchvision's files, or set data.download=true where a network exists."
+        )
 
-    def _load_torchvision(self, train: bool) -> tuple[Tensor, Tensor]:
+    def check_available(self) -> str:
+        """Resolve the format ("pack" or "torchvision") from the files present, reading no image,
+        so a bad data.root fails before training starts. Raises FileNotFoundError otherwise."""
+        packs = self.pack_paths()
+        tv = self.torchvision_paths()
+        if self.format == "pack" or (self.format == "auto" and packs["train"].is_file()):
+            missing = [p for p in packs.values() if not p.is_file()]
+            if missing:
+                raise self._missing(missing)
+            return "pack"
+        if self.download or all(p.exists() for p in tv):
+            return "torchvision"
+        tried = [*packs.values(), *tv] if self.format == "auto" else tv
+        raise self._missing(tried)
+
+    # ---- loading ----------------------------------------------------------------------------
+    def _load_torchvision(self, train: bool) -> tuple[Tensor, Tensor, list[str]]:
         import torchvision
 
         root = str(self.root)
         if self.name == "svhn":
             ds = torchvision.datasets.SVHN(root, split="train" if train else "test", download=self.download)
-            return torch.from_numpy(ds.data.copy()), torch.from_numpy(ds.labels.astype(np.int64))
+            images = torch.from_numpy(np.ascontiguousarray(ds.data, dtype=np.uint8))  # already N×3×32×32
+            return (
+                images,
+                torch.from_numpy(np.asarray(ds.labels, dtype=np.int64)),
+                [str(d) for d in range(10)],
+            )
         cls = torchvision.datasets.CIFAR10 if self.name == "cifar10" else torchvision.datasets.CIFAR100
         ds = cls(root, train=train, download=self.download)
-        self.classes = list(ds.classes)
-        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
-        return images, torch.tensor(ds.targets, dtype=torch.int64)
+        images = torch.from_numpy(np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2), dtype=np.uint8))
+        return images, torch.tensor(ds.targets, dtype=torch.int64), list(ds.classes)
+
+    def _load_split(self, split: str) -> tuple[Tensor, Tensor]:
+        if self.check_available() == "pack":
+            images, labels, classes = load_pack(self.pack_paths()[split], self.cache_dir, self.name)
+        else:
+            images, labels, classes = self._load_torchvision(split == "train")
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(
+                f"{self.name} {split}: expected uint8 N×3×H×W images, got {images.dtype} {tuple(images.shape)}"
+            )
+        self._classes = classes
+        return images, labels
+
+    def _ensure_train(self) -> tuple[Tensor, Tensor]:
+        if self._train is None:
+            images, labels = self._load_split("train")
+            idx = balanced_indices(labels, self.n_train, self.seed)
+            self._train = (images[idx], labels[idx]) if self.n_train is not None else (images, labels)
+        return self._train
+
+    def _ensure_test(self) -> tuple[Tensor, Tensor]:
+        if self._test is None:
+            self._test = self._load_split("test")
+        return self._test
+
+    def prepare_data(self) -> None:
+        """Download once (rank 0) when data.download=true and the torchvision format is used."""
+        if self.download and self.check_available() == "torchvision":
+            self._load_torchvision(True)
+            self._load_torchvision(False)
 
     def setup(self, stage: str | None = None) -> None:
-        if self._train is not None:
-            return
-        self.check_available()
-        if self.resolved_format() == "pack":
-            xtr, ytr, self.classes = load_pack(self._pack_dir() / "train.npz", self.cache_dir, self.name)
-            xte, yte, _ = load_pack(self._pack_dir() / "test.npz", self.cache_dir, self.name)
-        else:
-            xtr, ytr = self._load_torchvision(True)
-            xte, yte = self._load_torchvision(False)
-        idx = balanced_indices(ytr, self.n_train, self.seed)
-        self._train = (xtr[idx], ytr[idx])
-        self._test = (xte, yte)
+        """Load what ``stage`` needs, once: train + test for fit (val is a test subset), test otherwise."""
+        if stage in (None, "fit"):
+            self._ensure_train()
+        self._ensure_test()
 
-    def _loader(self, data: tuple[Tensor, Tensor], batch_size: int, train: bool) -> DataLoader:
-        collate = functools.partial(_collate, augment=train and self.augment, flip=self.flip)
+    # ---- loaders ----------------------------------------------------------------------------
+    def _loader(
+        self, data: tuple[Tensor, Tensor], batch_size: int, train: bool, persistent: bool = False
+    ) -> DataLoader:
+        collate = functools.partial(collate_uint8, augment=train and self.augment, flip=self.flip)
         return DataLoader(
             TensorDataset(*data),
             batch_size=batch_size,
             shuffle=train,
             drop_last=train and len(data[1]) >= batch_size,
             num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=persistent and self.num_workers > 0,
             collate_fn=collate,
             generator=torch.Generator().manual_seed(self.seed) if train else None,
         )
 
     def _test_subset(self, n: int | None) -> tuple[Tensor, Tensor]:
-        self.setup()
-        assert self._test is not None
-        idx = balanced_indices(self._test[1], n, self.seed)
-        return self._test[0][idx], self._test[1][idx]
+        images, labels = self._ensure_test()
+        if n is None:
+            return images, labels
+        idx = balanced_indices(labels, n, self.seed)
+        return images[idx], labels[idx]
 
     def train_dataloader(self) -> DataLoader:
-        self.setup()
-        assert self._train is not None
-        return self._loader(self._train, self.batch_size, train=True)
+        """Shuffled (seeded), augmented batches of the n_train subset."""
+        return self._loader(self._ensure_train(), self.batch_size, train=True, persistent=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self._test_subset(self.n_val), self.eval_batch_size, train=False)
+        """A fixed class-balanced subset (n_val) of the test split, for per-epoch validation."""
+        return self._loader(self._test_subset(self.n_val), self.eval_batch_size, train=False, persistent=True)
 
     def test_dataloader(self) -> DataLoader:
+        """A fixed class-balanced subset (n_test, null = all) of the test split, for final evaluation."""
         return self._loader(self._test_subset(self.n_test), self.eval_batch_size, train=False)
 
     def train_subset_loader(self, n: int, batch_size: int) -> DataLoader:
-        """Fixed, unaugmented training images (BN re-estimation, overfitting watch)."""
-        self.setup()
-        assert self._train is not None
-        idx = balanced_indices(self._train[1], n, self.seed + 1)
-        return self._loader((self._train[0][idx], self._train[1][idx]), batch_size, train=False)
+        """A fixed, unaugmented, class-balanced set of n training images in a fixed order: watching
+        PGD accuracy on it exposes catastrophic overfitting; BN re-estimation uses it too."""
+        for key, value in (("n", n), ("batch_size", batch_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"train_subset_loader: {key} must be an integer > 0, got {value!r}")
+        images, labels = self._ensure_train()
+        idx = balanced_indices(labels, n, self.seed + 1)
+        return self._loader((images[idx], labels[idx]), batch_size, train=False)
