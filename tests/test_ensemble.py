@@ -149,3 +149,38 @@ def test_bn_copy_mode_copies_live_buffers(tmp_path) -> None:
 def test_arguments_are_validated(kwargs: dict, key: str) -> None:
     with pytest.raises(ValueError, match=key):
         TemporalEnsemble(**kwargs)
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "channel"])
+def test_product_average_is_ema_of_merged_weight(kind: str) -> None:
+    """average=product: the ensemble's merged weight is the EMA of the live merged weights,
+    which differs from averaging the factors (mean of products != product of means)."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from frep_lightning.reparam import factors, reparameterize_
+
+    torch.manual_seed(0)
+    live = reparameterize_(nn.Sequential(nn.Linear(4, 3)), kind=kind, seed=0)
+    results = {}
+    for mode in ("factors", "product"):
+        cb = TemporalEnsemble(tau0=0.9, c=1.0, average=mode)
+        cb._average_model = AveragedModel(live, use_buffers=False)
+        snapshots = []
+        torch.manual_seed(1)
+        for _ in range(3):  # three updates: tau = 0, 0.5, 2/3
+            with torch.no_grad():
+                for f in factors(live[0]):
+                    f.add_(torch.randn_like(f) * 0.3)
+            snapshots.append(live[0].weight.detach().clone())
+            cb.update(live)
+        results[mode] = cb._average_model.module[0].weight.detach().clone()
+        if mode == "product":
+            w0, w1, w2 = snapshots
+            expected = (w0 * 0.5 + w1 * 0.5) * (2 / 3) + w2 * (1 / 3)  # tau 0, then 1/2, then 2/3
+            torch.testing.assert_close(results[mode], expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(results["factors"], results["product"], atol=1e-4)
+
+
+def test_average_mode_is_validated() -> None:
+    with pytest.raises(ValueError, match="ensemble.average"):
+        TemporalEnsemble(average="weights")

@@ -7,10 +7,13 @@ An update happens when the optimizer step count t satisfies t % f_e == 0; f_e st
 read from the optimizer (the paper: 100, x10 at the LR drops of epochs 70 and 85), because
 late, near-identical snapshots make the ensemble collapse onto the live model (Fig. 5).
 
-What is averaged: the trainable tensors themselves, i.e. the factors W1 and W2 (or M and W2),
-not their product. Alg. 1 averages "parameters" and merges at the end; averaging factors is
-not the same as averaging products, and this choice is the paper's. Masks are never averaged:
-:class:`~frep_lightning.pruning.RobustPruning` writes the same mask into both models.
+What is averaged (``average``): by default (``factors``) the trainable tensors themselves, i.e.
+the factors W1 and W2 (or M and W2), not their product: Alg. 1 averages "parameters" and merges
+at the end. ``product`` averages the merged weight W = W1*W2 instead (Eq. 13 read literally) and
+stores the result back as factors through the parametrization's ``right_inverse``. The two are
+not the same (the mean of products is not the product of means); experiments/results holds the
+comparison. Masks are never averaged: :class:`~frep_lightning.pruning.RobustPruning` writes the
+same mask into both models.
 
 BatchNorm statistics of the ensemble (``bn``):
     ``recompute`` (default): before validation and at the end of training, the ensemble's
@@ -38,6 +41,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 BN_MODES = ("recompute", "copy", "average")
+AVERAGE_MODES = ("factors", "product")
 
 
 def ema_tau(n: int, tau0: float, c: float) -> float:
@@ -68,6 +72,7 @@ class TemporalEnsemble(WeightAveraging):
             the interval last changed (a x0.1 step qualifies; a cosine decay counts each halving).
         bn: how the ensemble's BatchNorm statistics are obtained, see the module docstring.
         bn_batches: training batches used by ``bn='recompute'``.
+        average: ``factors`` (EMA of W1, W2) or ``product`` (EMA of W = W1*W2), see the module docstring.
 
     Example::
 
@@ -83,6 +88,7 @@ class TemporalEnsemble(WeightAveraging):
         lr_drop_ratio: float = 0.5,
         bn: str = "recompute",
         bn_batches: int = 20,
+        average: str = "factors",
         device: torch.device | str | None = None,
     ) -> None:
         if not 0.0 < tau0 < 1.0:
@@ -99,7 +105,10 @@ class TemporalEnsemble(WeightAveraging):
             raise ValueError(f"ensemble.bn={bn!r} is not valid; allowed values: {', '.join(BN_MODES)}")
         if not isinstance(bn_batches, int) or bn_batches <= 0:
             raise ValueError(f"ensemble.bn_batches={bn_batches!r} must be an integer > 0")
+        if average not in AVERAGE_MODES:
+            raise ValueError(f"ensemble.average={average!r} is not valid; allowed values: {', '.join(AVERAGE_MODES)}")
         super().__init__(device=device, use_buffers=False)
+        self.average = average
         self.tau0 = float(tau0)
         self.c = float(c)
         self.every_n_steps = every_n_steps
@@ -150,8 +159,12 @@ class TemporalEnsemble(WeightAveraging):
         avg = self._average_model
         n = int(avg.n_averaged)
         tau = ema_tau(n, self.tau0, self.c)
+        done: set[int] = set()
+        if self.average == "product":
+            done = self._update_products(avg.module, pl_module, tau)
         for p_avg, p in zip(avg.module.parameters(), pl_module.parameters(), strict=True):
-            p_avg.lerp_(p.detach().to(p_avg.device), 1.0 - tau)
+            if id(p_avg) not in done:
+                p_avg.lerp_(p.detach().to(p_avg.device), 1.0 - tau)
         if self.bn != "recompute":
             for b_avg, b in zip(_bn_buffers(avg.module), _bn_buffers(pl_module), strict=True):
                 if self.bn == "average" and b.is_floating_point():
@@ -162,6 +175,26 @@ class TemporalEnsemble(WeightAveraging):
         self.last_tau = tau
         self._bn_fresh = self.bn != "recompute"
         return tau
+
+    @staticmethod
+    @torch.no_grad()
+    def _update_products(avg_module: nn.Module, live: nn.Module, tau: float) -> set[int]:
+        """EMA of the merged weight of every reparameterized layer, written back as factors;
+        returns the ids of the factor tensors it set."""
+        from frep_lightning.reparam import factors, weight_parametrization
+
+        done: set[int] = set()
+        for m_avg, m in zip(avg_module.modules(), live.modules(), strict=True):
+            p_avg = weight_parametrization(m_avg)
+            if p_avg is None:
+                continue
+            target = m_avg.weight.lerp(m.weight.detach().to(m_avg.weight.device), 1.0 - tau)
+            new = p_avg.right_inverse(target)
+            new = new if isinstance(new, tuple) else (new,)
+            for dst, src in zip(factors(m_avg), new, strict=True):
+                dst.copy_(src)
+                done.add(id(dst))
+        return done
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
