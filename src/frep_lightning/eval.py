@@ -1,0 +1,421 @@
+"""``frep-eval``: robustness and sparsity report of a trained model (Hydra app over ``conf/eval.yaml``).
+
+``ckpt`` may be a run directory (its ``model.pt``, else ``checkpoints/last.ckpt``), a ``model.pt``
+(plain state_dict of the backbone) or a Lightning checkpoint of :class:`~frep_lightning.module.FReP`
+(reparameterized factors + masks: rebuilt and merged exactly as at fit end). The run's saved
+``config.yaml`` (next to the file, or one directory up) supplies the model and data, so only
+the evaluation settings need to be given::
+
+    frep-eval ckpt=outputs/frep-resnet18-cifar10-s0.99/2026-01-01_12-00-00
+    frep-eval ckpt=.../model.pt attacks=[clean,pgd50,aa] n_test=1000 restarts=5
+    python -m frep_lightning.eval ckpt=.../checkpoints/last.ckpt attacks=[clean,fgsm,pgd50]
+
+Output: a table on the terminal, ``eval.json`` beside the evaluated file (``output=`` elsewhere)
+and the same numbers to the logger (``logger=auto``: the run's own logger config, e.g. W&B).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import Tensor, nn
+
+from frep_lightning import __version__
+from frep_lightning.attacks import parse_eps
+from frep_lightning.compression import compression_report, human_bytes
+from frep_lightning.config import ConfigError, enabled
+from frep_lightning.evaluate import (
+    AA_COMPONENTS,
+    AA_VERSIONS,
+    ATTACKS,
+    PRECISIONS,
+    EvalResult,
+    build_attacks,
+    check_attack_names,
+    run_attacks,
+)
+from frep_lightning.export import merged_state_dict, write_json
+from frep_lightning.reparam import add_masks_, select_layers
+from frep_lightning.train import build_module, config_dir
+
+log = logging.getLogger("frep_lightning")
+
+CONFIG_NAMES = ("config.yaml", ".hydra/config.yaml")
+
+
+# -- locating the model and its run config ---------------------------------------------------
+def resolve_ckpt(ckpt: str | os.PathLike[str]) -> Path:
+    """The file to evaluate: ``ckpt`` itself, or inside a run directory ``model.pt`` (the merged
+    ensemble) else ``checkpoints/last.ckpt``."""
+    path = Path(ckpt).expanduser()
+    if path.is_dir():
+        for candidate in (path / "model.pt", path / "checkpoints" / "last.ckpt"):
+            if candidate.is_file():
+                return candidate
+        raise FileNotFoundError(f"ckpt={str(ckpt)!r} is a directory without model.pt or checkpoints/last.ckpt")
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt={str(ckpt)!r} does not exist")
+    return path
+
+
+def find_run_config(model_file: Path) -> Path | None:
+    """``config.yaml`` saved by frep-train next to the file or one level up (checkpoints/)."""
+    for directory in (model_file.parent, model_file.parent.parent):
+        for name in CONFIG_NAMES:
+            if (directory / name).is_file():
+                return directory / name
+    return None
+
+
+def _merge_overrides(base: DictConfig | None, overrides: Mapping[str, Any] | None) -> DictConfig:
+    node = OmegaConf.create({}) if base is None else OmegaConf.create(OmegaConf.to_container(base, resolve=True))
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            node[key] = value
+    return node
+
+
+# -- loading ---------------------------------------------------------------------------------
+def _not_ours(path: Path, why: str) -> ValueError:
+    return ValueError(
+        f"ckpt={str(path)!r} is not a model of ours ({why}); expected a model.pt written by frep-train "
+        "(a plain state_dict) or a Lightning checkpoint of the FReP module (checkpoints/last.ckpt)"
+    )
+
+
+def load_file(path: Path) -> dict[str, Any]:
+    """``torch.load(weights_only=True)``: never unpickles code from a file we are asked to judge."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # UnpicklingError, RuntimeError (not a zip/pickle), EOFError, ...
+        raise _not_ours(path, f"torch.load(weights_only=True) refused it: {type(err).__name__}: {err}") from err
+    if not isinstance(obj, dict):
+        raise _not_ours(path, f"it holds a {type(obj).__name__}, not a dict")
+    return obj
+
+
+def is_lightning_checkpoint(obj: Mapping[str, Any]) -> bool:
+    return isinstance(obj.get("state_dict"), dict) and "pytorch-lightning_version" in obj
+
+
+def merged_from_checkpoint(ckpt: Mapping[str, Any], run_cfg: DictConfig) -> dict[str, Tensor]:
+    """Rebuild the reparameterized FReP module of the run, load the checkpoint (the ensemble, with
+    factors and masks) and merge it into a plain backbone state_dict, as the export at fit end does."""
+    module = build_module(run_cfg)
+    if enabled(run_cfg.get("pruning")):  # RobustPruning gives plain layers their masks in setup()
+        add_masks_(module, run_cfg.pruning.get("include", ["*"]), run_cfg.pruning.get("exclude", []))
+    try:
+        module.load_state_dict(ckpt["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"the checkpoint does not match the run's config (model/method): {err}") from err
+    return merged_state_dict(module.model)
+
+
+def load_model(path: Path, run_cfg: DictConfig | None, model_cfg: DictConfig) -> nn.Module:
+    """A fresh backbone (``model_cfg``) holding the weights of ``path`` (model.pt or Lightning .ckpt)."""
+    obj = load_file(path)
+    if is_lightning_checkpoint(obj):
+        if run_cfg is None or "method" not in run_cfg:
+            raise ConfigError(
+                f"ckpt={str(path)!r} is a Lightning checkpoint: rebuilding its reparameterized module needs the "
+                "run's config.yaml (next to it or one directory up); evaluate the run's model.pt instead"
+            )
+        state = merged_from_checkpoint(obj, run_cfg)
+    else:
+        if not obj or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
+            raise _not_ours(path, "not a state_dict of tensors")
+        if any("parametrizations." in k for k in obj):
+            raise _not_ours(path, "reparameterized keys; a model.pt holds merged weights")
+        state = obj
+    model = instantiate(model_cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise _not_ours(
+            path,
+            f"its keys do not fit model {model_cfg.get('name')!r} (width {model_cfg.get('width')}): "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}",
+        )
+    return model.eval()
+
+
+def prunable_layers(model: nn.Module, run_cfg: DictConfig | None) -> list[str] | None:
+    """Backbone layer names that the run's pruning selected (None: every Conv2d/Linear)."""
+    if run_cfg is None or not enabled(run_cfg.get("pruning")):
+        return None
+    holder = nn.Module()
+    holder.model = model  # pruning patterns are over the LightningModule's names (model.net.*)
+    names = select_layers(holder, run_cfg.pruning.get("include", ["*"]), run_cfg.pruning.get("exclude", []))
+    return [n[len("model.") :] for n, _ in names]
+
+
+# -- config ----------------------------------------------------------------------------------
+def _int_or_none(cfg: DictConfig, key: str, minimum: int = 1) -> None:
+    value = cfg.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
+        raise ConfigError(f"{key}={value!r} must be an integer >= {minimum}{' or null' if key == 'n_test' else ''}")
+
+
+def validate_eval_config(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` naming the first invalid key (before any file is read)."""
+    if OmegaConf.is_missing(cfg, "ckpt") or not cfg.get("ckpt"):
+        raise ConfigError("ckpt=<run dir | model.pt | Lightning .ckpt> is required")
+    try:
+        check_attack_names(list(cfg.attacks))
+    except (ValueError, TypeError) as err:
+        raise ConfigError(str(err)) from err
+    for key in ("eps", "step_size"):
+        try:
+            parse_eps(cfg.get(key), key)
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+    _int_or_none(cfg, "n_test")
+    for key in ("restarts", "queries", "batch_size"):
+        if cfg.get(key) is None:
+            raise ConfigError(f"{key} must be an integer >= 1")
+        _int_or_none(cfg, key)
+    _int_or_none(cfg, "seed", minimum=0)
+    momentum = cfg.get("momentum")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or momentum < 0:
+        raise ConfigError(f"momentum={momentum!r} must be a number >= 0")
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"precision={cfg.precision!r} is not valid; allowed values: {', '.join(PRECISIONS)}")
+    if cfg.aa.version not in AA_VERSIONS:
+        raise ConfigError(f"aa.version={cfg.aa.version!r} is not valid; allowed values: {', '.join(AA_VERSIONS)}")
+    components = cfg.aa.get("components")
+    if (cfg.aa.version == "custom") != (components is not None):
+        raise ConfigError(f"aa.components is required exactly with aa.version=custom (e.g. [{AA_COMPONENTS[0]}])")
+    if components is not None and (not components or any(c not in AA_COMPONENTS for c in components)):
+        raise ConfigError(f"aa.components={list(components)!r}: allowed {', '.join(AA_COMPONENTS)}")
+    if "logger" in cfg and cfg.logger is not None and not enabled(cfg.logger):
+        raise ConfigError("logger: choose a logger config (logger=csv, wandb, auto) or logger=none")
+    device = str(cfg.device)
+    if device != "auto":
+        try:
+            torch.device(device)
+        except RuntimeError as err:
+            raise ConfigError(f"device={device!r} is not a torch device (auto, cpu, cuda, cuda:1)") from err
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+# -- report ----------------------------------------------------------------------------------
+def build_report(
+    result: EvalResult,
+    compression: Mapping[str, Any],
+    settings: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The ``eval.json`` content: accuracies in [0, 1] by attack name, ``worst_case``, sparsity, sizes."""
+    acc = result.accuracies()
+    return {
+        **acc,
+        "attacks": result.attacks,
+        "correct": {k: int(v.sum()) for k, v in result.correct.items()} | {"worst_case": int(result.worst_case.sum())},
+        "n": result.n,
+        "sparsity": compression["sparsity"],
+        "nonzero": compression["nonzero"],
+        "layers": compression["layers"],
+        "sizes": compression["sizes"],
+        "seconds": result.seconds,
+        "warnings": list(result.warnings),
+        **settings,
+    }
+
+
+def print_report(report: Mapping[str, Any], layers: bool = True) -> None:
+    """Rich tables: accuracies (with the worst case), then sparsity/size per layer, then warnings."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if not console.is_terminal:  # logs and CI: do not squeeze the tables into 80 columns
+        console = Console(width=160)
+    n = report["n"]
+    title = (
+        f"{report.get('model', '')} on {report.get('dataset', '')}: L-inf eps {report['eps_str']}, "
+        f"n={n}, seed {report['seed']}, precision {report['precision']}"
+    )
+    table = Table(title=title)
+    for col in ("attack", "accuracy", "correct", "seconds"):
+        table.add_column(col, justify="left" if col == "attack" else "right")
+    for name in ["clean", *report["attacks"], "worst_case"]:
+        seconds = report["seconds"].get(name)
+        table.add_row(
+            name,
+            f"{report[name] * 100:.2f} %",
+            f"{report['correct'][name]}/{n}",
+            "" if seconds is None else f"{seconds:.1f}",
+            style="bold" if name == "worst_case" else None,
+        )
+    console.print(table)
+    sizes = report["sizes"]
+    if layers:
+        lt = Table(title="sparsity per layer")
+        for col in ("layer", "shape", "sparsity", "nonzero", "live ch.", "dense", "CSR", "bitmask"):
+            lt.add_column(col, justify="left" if col in ("layer", "shape") else "right")
+        for name, row in report["layers"].items():
+            lt.add_row(
+                name + ("" if row["prunable"] else " (kept dense)"),
+                "x".join(map(str, row["shape"])),
+                f"{row['sparsity'] * 100:.2f} %",
+                str(row["nonzero"]),
+                f"{row['live_channels']}/{row['channels']}",
+                human_bytes(row["dense_bytes"]),
+                human_bytes(row["csr_bytes"]),
+                human_bytes(row["bitmask_bytes"]),
+            )
+        console.print(lt)
+    console.print(
+        f"global sparsity {report['sparsity'] * 100:.2f} % ({report['nonzero']} of {sizes['prunable_params']} "
+        f"prunable weights non-zero, live channels {sizes['live_channels']}/{sizes['channels']}); model "
+        f"{human_bytes(sizes['model_dense_bytes'])} dense, {human_bytes(sizes['model_sparse_bytes'])} sparse "
+        f"(x{sizes['compression_ratio']:.1f})"
+    )
+    for w in report["warnings"]:
+        console.print(f"[bold red]WARNING[/]: {w}")
+
+
+# -- logging ---------------------------------------------------------------------------------
+def make_loggers(cfg: DictConfig, run_cfg: DictConfig | None, save_dir: Path) -> list[Any]:
+    """The logger group chosen for frep-eval (``logger=csv|wandb|auto``; ``logger=none``: none), or,
+    when none was chosen, the run's own logger config, writing under ``save_dir``."""
+    node = cfg.logger if "logger" in cfg else (None if run_cfg is None else run_cfg.get("logger"))
+    if not enabled(node):
+        return []
+    node = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
+    node.save_dir = str(save_dir)
+    made = instantiate(node)
+    if made is False or made is None:
+        return []
+    return list(made) if isinstance(made, (list, tuple)) else [made]
+
+
+def log_report(loggers: list[Any], report: Mapping[str, Any]) -> dict[str, float]:
+    """``eval/<name>`` accuracies, worst case, sparsity and sizes to each logger; for W&B also the
+    run summary (what dashboards show)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    metrics = {f"eval/{k}": float(report[k]) for k in ["clean", *report["attacks"], "worst_case", "sparsity", "n"]}
+    metrics["eval/model_sparse_bytes"] = float(report["sizes"]["model_sparse_bytes"])
+    for lg in loggers:
+        lg.log_metrics(metrics, step=0)
+        if isinstance(lg, WandbLogger):
+            lg.experiment.summary.update(metrics)
+        lg.finalize("success")
+        if isinstance(lg, WandbLogger):
+            lg.experiment.finish()
+    return metrics
+
+
+# -- the app ---------------------------------------------------------------------------------
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Evaluate ``cfg.ckpt``; returns the report (also written to ``eval.json``)."""
+    validate_eval_config(cfg)
+    model_file = resolve_ckpt(cfg.ckpt)
+    config_path = find_run_config(model_file)
+    run_cfg = OmegaConf.load(config_path) if config_path is not None else None
+    if run_cfg is not None and not isinstance(run_cfg, DictConfig):
+        raise ConfigError(f"{config_path} is not a mapping")
+
+    model_cfg = _merge_overrides(None if run_cfg is None else run_cfg.get("model"), cfg.get("model"))
+    if "_target_" not in model_cfg:
+        model_cfg["_target_"] = "frep_lightning.models.build_model"
+    data_cfg = _merge_overrides(None if run_cfg is None else run_cfg.get("data"), cfg.get("data"))
+    if "_target_" not in data_cfg:
+        data_cfg["_target_"] = "frep_lightning.data.ImageClassificationData"
+    if not model_cfg.get("name") or not data_cfg.get("name"):
+        raise ConfigError(
+            f"no run config.yaml found beside {model_file}: give model.name=..., model.width=... and data.name=..."
+        )
+    if model_cfg.get("num_classes") is None and model_cfg._target_ == "frep_lightning.models.build_model":
+        from frep_lightning.config import num_classes
+
+        model_cfg.num_classes = num_classes(data_cfg.name)
+    with open_dict(data_cfg):
+        data_cfg.n_test = cfg.n_test
+        data_cfg.seed = cfg.seed
+        data_cfg.eval_batch_size = cfg.batch_size
+        data_cfg.augment = False
+
+    device = _device(str(cfg.device))
+    model = load_model(model_file, run_cfg, model_cfg)
+    compression = compression_report(model.state_dict(), prunable_layers(model, run_cfg))
+
+    datamodule = instantiate(data_cfg)
+    datamodule.check_available()
+    datamodule.setup("test")
+    names = check_attack_names(list(cfg.attacks))
+    aa_components = None if cfg.aa.get("components") is None else list(cfg.aa.components)
+    attacks = build_attacks(
+        names,
+        eps=cfg.eps,
+        step_size=cfg.step_size,
+        restarts=cfg.restarts,
+        momentum=float(cfg.momentum),
+        queries=cfg.queries,
+        seed=cfg.seed,
+        precision=cfg.precision,
+        aa_version=cfg.aa.version,
+        aa_components=aa_components,
+    )
+    start = time.perf_counter()
+    result = run_attacks(model, datamodule.test_dataloader(), attacks, device=device, seed=cfg.seed)
+    eps = parse_eps(cfg.eps, "eps")
+    settings = {
+        "eps": eps,
+        "eps_str": str(cfg.eps),
+        "seed": cfg.seed,
+        "precision": cfg.precision,
+        "attack_settings": {name: a.describe() for name, a in attacks.items()},
+        "model_path": str(model_file),
+        "config_path": None if config_path is None else str(config_path),
+        "model": model_cfg.get("name"),
+        "width": model_cfg.get("width"),
+        "dataset": data_cfg.get("name"),
+        "n_test": cfg.n_test,
+        "device": _device_name(device),
+        "eval_seconds": round(time.perf_counter() - start, 2),
+        "tf32": bool(device.type == "cuda" and torch.backends.cudnn.allow_tf32),
+        "frep_lightning": __version__,
+        "torch": torch.__version__,
+    }
+    report = build_report(result, compression, settings)
+    out = Path(cfg.output) if cfg.get("output") else model_file.parent / "eval.json"
+    write_json(report, out)
+    print_report(report, layers=bool(cfg.get("print_layers", True)))
+    log.info("eval: wrote %s", out)
+    loggers = make_loggers(cfg, run_cfg, out.parent / "eval_logs")
+    log_report(loggers, report)
+    for w in result.warnings:
+        log.warning(w)
+    return report
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+__all__ = ["ATTACKS", "find_run_config", "load_model", "main", "resolve_ckpt", "run", "validate_eval_config"]
+
+if __name__ == "__main__":
+    main()
