@@ -1,27 +1,58 @@
-"""Checks of a composed training config that must fail before any data is loaded.
+"""One schema for the composed training config, checked before any data loads.
 
-Each constructor validates its own arguments too; this module adds the checks that span keys
-(the prune epoch against ``trainer.max_epochs``) and the name look-ups, so a typo in a sweep
-fails in a second with a message naming the key, not after an epoch.
+:data:`RULES` is an explicit table: one row per key, with the requirement its value must meet
+(cross-key rules such as ``pruning.epoch < trainer.max_epochs`` included). On top of it, every
+node that names a constructor (``_target_``) may only hold keys that constructor takes, so a
+typo such as ``+pruning.sparsty=0.9`` fails here instead of as a ``TypeError`` later. The data
+location is checked last, without reading an image. All violations are reported at once, one
+per line, each naming the key, its value and the allowed values, so a bad sweep fails in a
+second instead of after an epoch. Constructors validate their own arguments as well (the
+callbacks are used outside this app).
 """
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import Container, DictConfig, OmegaConf
 
 from frep_lightning.attacks import parse_eps
 
 DATASETS = {"cifar10": 10, "cifar100": 100, "svhn": 10}
+DATA_FORMATS = ("auto", "pack", "torchvision")
+PRUNING_MODES = ("unstructured", "structured")
+REPARAM_KINDS = ("hadamard", "channel", "none")
+REPARAM_INITS = ("random", "equal", "ones")
+ENSEMBLE_BN = ("recompute", "copy", "average")
+ENSEMBLE_AVERAGE = ("factors", "product")
+ATTACK_BN = ("train", "eval")
+# Hydra's own keys inside a node that has a _target_
+_HYDRA_KEYS = {"_target_", "_recursive_", "_convert_", "_partial_", "_args_"}
+# nodes instantiated by frep-train; their keys must be parameters of the target
+TARGET_NODES = ("data", "model", "pruning", "ensemble", "logger", "trainer", "method.objective", "method.attack")
 
 
 class ConfigError(ValueError):
     """A config value is invalid; the message names the key and the allowed values."""
 
 
-def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
-    return OmegaConf.select(cfg, key, default=default)
+class DataNotFoundError(ConfigError, FileNotFoundError):
+    """``data.root`` holds no usable dataset and ``data.download`` is off."""
+
+
+def config_dir() -> str:
+    """``conf/`` of a source checkout / editable install, or the copy packaged in a wheel."""
+    packaged = Path(__file__).resolve().parent / "conf"
+    return str(packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "conf")
+
+
+def method_names() -> list[str]:
+    """The known methods: one config file each in ``conf/method``."""
+    return sorted(p.stem for p in (Path(config_dir()) / "method").glob("*.yaml"))
 
 
 def enabled(node: Any) -> bool:
@@ -36,53 +67,279 @@ def num_classes(name: str) -> int:
     return DATASETS[name]
 
 
-def validate_train_config(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` naming the first invalid key."""
+# ---- value predicates ---------------------------------------------------------------------------
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _int_at_least(lo: int) -> Callable[[Any, DictConfig], bool]:
+    return lambda v, _: _is_int(v) and v >= lo
+
+
+def _between(lo: float, hi: float, lo_open: bool, hi_open: bool) -> Callable[[Any, DictConfig], bool]:
+    def check(v: Any, _: DictConfig) -> bool:
+        if not _is_number(v):
+            return False
+        return (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+
+    return check
+
+
+def _one_of(values: Callable[[], Sequence[str]] | Sequence[str]) -> tuple[Callable[[Any, DictConfig], bool], Any]:
+    get = values if callable(values) else (lambda: values)
+    return (lambda v, _: v in get()), (lambda _: f"is not valid; allowed values: {', '.join(get())}")
+
+
+def _eps(v: Any, _: DictConfig) -> bool:
+    try:
+        parse_eps(v)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def _is_bool(v: Any, _: DictConfig) -> bool:
+    return isinstance(v, bool)
+
+
+def _str_list(v: Any, _: DictConfig) -> bool:
+    return isinstance(v, (list, tuple)) and all(isinstance(s, str) for s in v)
+
+
+def _milestones(v: Any, _: DictConfig) -> bool:
+    return isinstance(v, (list, tuple)) and all(_is_int(m) and m > 0 for m in v) and list(v) == sorted(set(v))
+
+
+def _model_name(v: Any, _: DictConfig) -> bool:
+    from frep_lightning.models import TORCHVISION_PREFIX, _torchvision_classifiers, model_names
+
+    if not isinstance(v, str):
+        return False
+    if v.startswith(TORCHVISION_PREFIX):
+        return v[len(TORCHVISION_PREFIX) :] in _torchvision_classifiers()
+    return v in model_names()
+
+
+def _model_names_text(_: DictConfig) -> str:
     from frep_lightning.models import model_names
 
-    num_classes(_get(cfg, "data.name"))
-    name = _get(cfg, "model.name")
-    if name not in model_names() and not str(name).startswith("torchvision."):
-        raise ConfigError(
-            f"model.name={name!r} is not valid; allowed values: {', '.join(model_names())}, or torchvision.<name>"
+    return (
+        f"is not valid; allowed values: {', '.join(model_names())}, or torchvision.<name> for a torchvision "
+        "classifier (torchvision.models.list_models(module=torchvision.models))"
+    )
+
+
+def _prune_epoch(v: Any, cfg: DictConfig) -> bool:
+    max_epochs = OmegaConf.select(cfg, "trainer.max_epochs")
+    return _is_int(v) and v >= 0 and (not _is_int(max_epochs) or v < max_epochs)
+
+
+def _existing_file(v: Any, _: DictConfig) -> bool:
+    return isinstance(v, str) and Path(v).expanduser().is_file()
+
+
+@dataclass(frozen=True)
+class Rule:
+    """``key``'s value must pass ``check(value, cfg)``; otherwise the error reads
+    ``<key>=<value> <requirement>``. ``group``: only checked while that group is enabled."""
+
+    key: str
+    check: Callable[[Any, DictConfig], bool]
+    requirement: str | Callable[[DictConfig], str]
+    nullable: bool = False
+    required: bool = False
+    group: str | None = None
+
+    def text(self, cfg: DictConfig) -> str:
+        return self.requirement(cfg) if callable(self.requirement) else self.requirement
+
+
+def _rule(key: str, spec: Any, requirement: str | None = None, **kw: Any) -> Rule:
+    if isinstance(spec, tuple):  # from _one_of
+        return Rule(key, spec[0], spec[1], **kw)
+    assert requirement is not None
+    return Rule(key, spec, requirement, **kw)
+
+
+_POS_INT = "must be an integer > 0"
+_NONNEG_INT = "must be an integer >= 0"
+_EPS = "must be a number in (0, 1] or a fraction like 8/255"
+
+RULES: list[Rule] = [
+    _rule("seed", _int_at_least(0), _NONNEG_INT, required=True),
+    _rule("ckpt_path", _existing_file, "must be an existing checkpoint file (e.g. <run>/checkpoints/last.ckpt) or null",
+          nullable=True),
+    _rule("checkpoint.every_n_train_steps", _int_at_least(1), _POS_INT + " or null (null: at every epoch end)",
+          nullable=True),
+    _rule("val_attack_steps", _int_at_least(0), _NONNEG_INT),
+    # data
+    _rule("data.name", _one_of(list(DATASETS)), required=True),
+    _rule("data.format", _one_of(DATA_FORMATS)),
+    _rule("data.download", _is_bool, "must be true or false"),
+    _rule("data.augment", _is_bool, "must be true or false"),
+    _rule("data.batch_size", _int_at_least(1), _POS_INT, required=True),
+    _rule("data.eval_batch_size", _int_at_least(1), _POS_INT),
+    _rule("data.n_train", _int_at_least(1), _POS_INT + " or null (null: all)", nullable=True),
+    _rule("data.n_val", _int_at_least(1), _POS_INT + " or null (null: all)", nullable=True),
+    _rule("data.n_test", _int_at_least(1), _POS_INT + " or null (null: all)", nullable=True),
+    _rule("data.num_workers", _int_at_least(0), _NONNEG_INT),
+    # model
+    _rule("model.name", _model_name, _model_names_text, required=True),
+    _rule("model.width", _int_at_least(1), _POS_INT + " or null (null: the published width)", nullable=True),
+    # method
+    _rule("method.name", _one_of(method_names), required=True),
+    _rule("method.reparam_kind", _one_of(REPARAM_KINDS)),
+    _rule("method.reparam_init", _one_of(REPARAM_INITS)),
+    _rule("method.attack.eps", _eps, _EPS),
+    _rule("method.attack.step_size", _eps, _EPS, nullable=True),
+    _rule("method.attack.steps", _int_at_least(1), _POS_INT),
+    _rule("method.attack.bn", _one_of(ATTACK_BN)),
+    _rule("method.objective.lam", _between(0, float("inf"), False, True), "must be a number >= 0"),
+    _rule("method.objective.beta", _between(0, float("inf"), False, True), "must be a number >= 0"),
+    # optimizer
+    _rule("optim.lr", _between(0, float("inf"), True, True), "must be a number > 0"),
+    _rule("optim.momentum", _between(0, 1, False, True), "must be in [0, 1)"),
+    _rule("optim.weight_decay", _between(0, float("inf"), False, True), "must be a number >= 0"),
+    _rule("optim.nesterov", _is_bool, "must be true or false"),
+    _rule("optim.milestones", _milestones, "must be a strictly increasing list of positive epochs"),
+    _rule("optim.gamma", _between(0, 1, True, False), "must be in (0, 1]"),
+    # trainer
+    _rule("trainer.max_epochs", _int_at_least(1), _POS_INT, required=True),
+    # pruning
+    _rule("pruning.sparsity", _between(0, 1, False, True), "must be in [0, 1)", required=True, group="pruning"),
+    _rule("pruning.epoch", _prune_epoch,
+          lambda cfg: f"must be an integer in [0, trainer.max_epochs={OmegaConf.select(cfg, 'trainer.max_epochs')})",
+          required=True, group="pruning"),
+    _rule("pruning.mode", _one_of(PRUNING_MODES), group="pruning"),
+    _rule("pruning.include", _str_list, "must be a list of fnmatch patterns", group="pruning"),
+    _rule("pruning.exclude", _str_list, "must be a list of fnmatch patterns", group="pruning"),
+    # ensemble
+    _rule("ensemble.every_n_steps", _int_at_least(1), _POS_INT, required=True, group="ensemble"),
+    _rule("ensemble.tau0", _between(0, 1, True, True), "must be in (0, 1)", group="ensemble"),
+    _rule("ensemble.c", _between(0, float("inf"), True, True), "must be a number > 0", group="ensemble"),
+    _rule("ensemble.interval_factor", _int_at_least(1), "must be an integer >= 1", group="ensemble"),
+    _rule("ensemble.lr_drop_ratio", _between(0, 1, True, True), "must be in (0, 1)", group="ensemble"),
+    _rule("ensemble.bn", _one_of(ENSEMBLE_BN), group="ensemble"),
+    _rule("ensemble.bn_batches", _int_at_least(1), _POS_INT, group="ensemble"),
+    _rule("ensemble.average", _one_of(ENSEMBLE_AVERAGE), group="ensemble"),
+    # final evaluation and the overfitting monitor
+    _rule("eval.eps", _eps, _EPS),
+    _rule("eval.step_size", _eps, _EPS),
+    _rule("eval.pgd_steps", _int_at_least(1), _POS_INT),
+    _rule("eval.n_test", _int_at_least(1), _POS_INT + " or null (null: the whole test split)", nullable=True),
+    _rule("eval.batch_size", _int_at_least(1), _POS_INT),
+    _rule("monitor.n_images", _int_at_least(1), _POS_INT, group="monitor"),
+    _rule("monitor.steps", _int_at_least(1), _POS_INT, group="monitor"),
+    _rule("monitor.collapse_ratio", _between(0, 1, True, True), "must be in (0, 1)", group="monitor"),
+    _rule("monitor.min_best", _between(0, 1, False, False), "must be in [0, 1]", group="monitor"),
+]  # fmt: skip
+
+_ABSENT = object()
+
+
+def _value(cfg: DictConfig, key: str) -> Any:
+    """The resolved value at ``key`` (containers as plain lists/dicts), or ``_ABSENT``."""
+    try:
+        value = OmegaConf.select(cfg, key, default=_ABSENT, throw_on_resolution_failure=True)
+    except Exception as err:  # interpolation that does not resolve
+        raise ConfigError(f"{key} cannot be resolved: {err}") from err
+    if isinstance(value, Container):
+        value = OmegaConf.to_container(value, resolve=True)
+    return value
+
+
+def _group_on(cfg: DictConfig, group: str) -> bool:
+    node = OmegaConf.select(cfg, group)
+    if group == "monitor":
+        return node is not None
+    return enabled(node)
+
+
+def check_rules(cfg: DictConfig, rules: Sequence[Rule] = RULES) -> list[str]:
+    """One message per violated rule."""
+    errors = []
+    for rule in rules:
+        if rule.group is not None and not _group_on(cfg, rule.group):
+            continue
+        value = _value(cfg, rule.key)
+        if value is _ABSENT:
+            if rule.required:
+                text = rule.text(cfg)
+                text = text.removeprefix("is not valid; ") if text.startswith("is not valid; ") else f"it {text}"
+                errors.append(f"{rule.key} is missing; {text}")
+            continue
+        if value is None and rule.nullable:
+            continue
+        if not rule.check(value, cfg):
+            errors.append(f"{rule.key}={value!r} {rule.text(cfg)}")
+    return errors
+
+
+def _target_parameters(target: str) -> tuple[list[str], bool]:
+    """Parameter names of the callable ``target`` and whether it takes ``**kwargs``."""
+    from hydra.utils import get_object
+
+    obj = get_object(target)
+    sig = inspect.signature(obj)
+    names = [p.name for p in sig.parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return names, any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+
+
+def check_target_keys(cfg: DictConfig, nodes: Sequence[str] = TARGET_NODES) -> list[str]:
+    """Every ``_target_`` must import, and every key of its node must be one of its parameters."""
+    errors = []
+    for path in nodes:
+        node = OmegaConf.select(cfg, path)
+        if not isinstance(node, DictConfig) or "_target_" not in node:
+            continue
+        target = node._target_
+        try:
+            params, var_kw = _target_parameters(target)
+        except Exception as err:
+            errors.append(f"{path}._target_={target!r} cannot be imported ({type(err).__name__}: {err})")
+            continue
+        if var_kw:
+            continue
+        unknown = sorted(set(node.keys()) - _HYDRA_KEYS - set(params))
+        errors.extend(
+            f"{path}.{key} is not a parameter of {target}; allowed keys: {', '.join(p for p in params if p != 'self')}"
+            for key in unknown
         )
-    max_epochs = _get(cfg, "trainer.max_epochs")
-    if not isinstance(max_epochs, int) or max_epochs <= 0:
-        raise ConfigError(f"trainer.max_epochs={max_epochs!r} must be an integer > 0")
-    if enabled(_get(cfg, "pruning")):
-        sparsity = _get(cfg, "pruning.sparsity")
-        if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
-            raise ConfigError(f"pruning.sparsity={sparsity!r} must be in [0, 1)")
-        epoch = _get(cfg, "pruning.epoch")
-        if not isinstance(epoch, int) or not 0 <= epoch < max_epochs:
-            raise ConfigError(f"pruning.epoch={epoch!r} must be an integer in [0, trainer.max_epochs={max_epochs})")
-        mode = _get(cfg, "pruning.mode", "unstructured")
-        if mode not in ("unstructured", "structured"):
-            raise ConfigError(f"pruning.mode={mode!r} is not valid; allowed values: unstructured, structured")
-    if enabled(_get(cfg, "ensemble")):
-        every = _get(cfg, "ensemble.every_n_steps")
-        if not isinstance(every, int) or every <= 0:
-            raise ConfigError(f"ensemble.every_n_steps={every!r} must be an integer > 0")
-        tau0 = _get(cfg, "ensemble.tau0")
-        if not isinstance(tau0, (int, float)) or not 0.0 < tau0 < 1.0:
-            raise ConfigError(f"ensemble.tau0={tau0!r} must be in (0, 1)")
-        c = _get(cfg, "ensemble.c")
-        if not isinstance(c, (int, float)) or c <= 0:
-            raise ConfigError(f"ensemble.c={c!r} must be > 0")
-    for key in ("method.attack.eps", "eval.eps"):
-        value = _get(cfg, key)
-        if value is not None:
-            try:
-                parse_eps(value, key)
-            except ValueError as err:
-                raise ConfigError(str(err)) from err
-    kind = _get(cfg, "method.reparam_kind", "hadamard")
-    if kind not in ("hadamard", "channel", "none"):
-        raise ConfigError(f"method.reparam_kind={kind!r} is not valid; allowed values: hadamard, channel, none")
-    init = _get(cfg, "method.reparam_init", "random")
-    if init not in ("random", "equal", "ones"):
-        raise ConfigError(f"method.reparam_init={init!r} is not valid; allowed values: random, equal, ones")
-    for key in ("data.batch_size", "eval.n_test"):
-        value = _get(cfg, key)
-        if value is not None and (not isinstance(value, int) or value <= 0):
-            raise ConfigError(f"{key}={value!r} must be an integer > 0")
+    return errors
+
+
+def check_data_available(cfg: DictConfig) -> None:
+    """Our datamodule's files must exist under data.root (or data.download=true): checked from
+    file names only, so a wrong path fails before anything is decoded."""
+    from hydra.utils import instantiate
+
+    from frep_lightning.data.datamodule import ImageClassificationData
+
+    node = cfg.get("data")
+    if not enabled(node) or node._target_ not in (
+        "frep_lightning.data.ImageClassificationData",
+        "frep_lightning.data.datamodule.ImageClassificationData",
+    ):
+        return
+    datamodule = instantiate(node)
+    assert isinstance(datamodule, ImageClassificationData)
+    try:
+        datamodule.check_available()
+    except FileNotFoundError as err:
+        raise DataNotFoundError(str(err)) from err
+
+
+def validate_train_config(cfg: DictConfig, check_data: bool = False) -> None:
+    """Raise :class:`ConfigError` listing every invalid key before anything is loaded; with
+    ``check_data`` (what ``frep-train`` does) also :class:`DataNotFoundError`, a
+    ``FileNotFoundError`` too, when data.root holds no dataset and data.download is off."""
+    errors = check_rules(cfg) + check_target_keys(cfg)
+    if errors:
+        lines = "\n  ".join(errors)
+        raise ConfigError(f"invalid config ({len(errors)} problem{'s' if len(errors) > 1 else ''}):\n  {lines}")
+    if check_data:
+        check_data_available(cfg)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,46 @@ def atomic_write_bytes(path: str | os.PathLike[str], write: Any) -> None:
 
 def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
     atomic_write_bytes(path, lambda f: torch.save(state, f))
+
+
+class NotOurFileError(ValueError):
+    """A file is not a state_dict / checkpoint that frep-lightning wrote (or is damaged)."""
+
+
+def safe_load(path: str | os.PathLike[str], map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, never arbitrary
+    pickled objects (which run code on load); any refusal names the file and says why."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        reason = text.split("WeightsUnpickler error:", 1)[-1].strip().split("\n\n")[0].split(". Please")[0]
+        raise NotOurFileError(
+            f"{path} is not a state_dict or checkpoint written by frep-lightning: it holds objects other than "
+            f"tensors and plain containers, or is damaged, and is refused rather than unpickled ({reason.strip()})"
+        ) from err
+    except (RuntimeError, EOFError, OSError) as err:  # truncated zip, not a torch file at all
+        raise NotOurFileError(f"{path} is not a readable torch file (truncated or another format): {err}") from err
+
+
+def load_state_dict_file(path: str | os.PathLike[str], map_location: Any = "cpu") -> dict[str, torch.Tensor]:
+    """A plain ``{name: tensor}`` state_dict such as ``model.pt``, loaded safely and type-checked."""
+    state = safe_load(path, map_location=map_location)
+    if isinstance(state, dict) and "state_dict" in state and "pytorch-lightning_version" in state:
+        raise NotOurFileError(
+            f"{path} is a Lightning training checkpoint (reparameterized factors and masks), not an exported "
+            "model; use the run's model.pt, or resume training from it with ckpt_path="
+        )
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    ):
+        raise NotOurFileError(f"{path} is not a state_dict (expected a non-empty dict of name -> tensor)")
+    return state
 
 
 def write_json(data: dict[str, Any], path: str | os.PathLike[str]) -> None:

@@ -3,7 +3,8 @@
 Every batch a model sees is ``(x, y)`` with ``x`` float32 in [0, 1] (B×3×32×32) and ``y``
 int64: normalisation lives in the model, so exported models take raw pixels. Images stay uint8
 in memory (150 MB for CIFAR-10 train); training batches get random crop (pad 4) + flip (no flip
-for SVHN, whose digits are not mirror-symmetric) in the collate function, per batch.
+for SVHN, whose digits are not mirror-symmetric) in the collate function, per batch, or on the
+GPU from a device-resident copy (``data.on_device``, :mod:`frep_lightning.data.device_data`).
 Validation and final test use fixed class-balanced subsets of the test split.
 """
 
@@ -21,7 +22,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 from frep_lightning.data.augment import random_crop_flip, to_float
-from frep_lightning.data.pack import load_pack
+from frep_lightning.data.device_data import DeviceBatches
+from frep_lightning.data.pack import KNOWN_SHA256, load_pack
+from frep_lightning.data.resumable import EpochSeededSampler, ResumableLoader, SeededPairs, collate_seeded
 
 DATASETS = {"cifar10": 10, "cifar100": 100, "svhn": 10}
 FORMATS = ("auto", "pack", "torchvision")
@@ -120,6 +123,7 @@ class ImageClassificationData(pl.LightningDataModule):
         augment: bool = True,
         seed: int = 0,
         cache_dir: str | None = None,
+        on_device: bool | None = None,
     ) -> None:
         super().__init__()
         _one_of("name", name, list(DATASETS))
@@ -135,6 +139,8 @@ class ImageClassificationData(pl.LightningDataModule):
             _positive_int(key, value, allow_none=True)
         _positive_int("num_workers", num_workers, minimum=0)
         _positive_int("seed", seed, minimum=0)
+        if on_device is not None and not isinstance(on_device, bool):
+            raise ValueError(f"data.on_device must be true, false or null (auto: on with CUDA), got {on_device!r}")
         if cache_dir is not None and (not isinstance(cache_dir, (str, os.PathLike)) or not str(cache_dir)):
             raise ValueError(f"data.cache_dir must be a non-empty path or null, got {cache_dir!r}")
         self.name = name
@@ -149,6 +155,7 @@ class ImageClassificationData(pl.LightningDataModule):
         self.flip = name != "svhn"
         self.seed = seed
         self.cache_dir = cache_dir
+        self.on_device = on_device
         self._classes: list[str] | None = None
         self._train: tuple[Tensor, Tensor] | None = None  # the n_train subset
         self._test: tuple[Tensor, Tensor] | None = None  # the whole test split
@@ -179,10 +186,13 @@ class ImageClassificationData(pl.LightningDataModule):
 
     def _missing(self, tried: list[Path]) -> FileNotFoundError:
         listed = ", ".join(str(p) for p in tried)
+        known = {p.name: KNOWN_SHA256.get((self.name, p.stem)) for p in tried}
+        shas = [f"{name} sha256 {sha}" for name, sha in known.items() if sha]
         return FileNotFoundError(
             f"data.root={str(self.root)!r}: no {self.name} data found (data.format={self.format}); "
             f"tried {listed}. "
-            f"Set data.root to the directory holding {self.name}/train.npz and test.npz (the offline pack) "
+            f"Set data.root to the directory holding {self.name}/train.npz and test.npz (the offline pack"
+            f"{'; expected ' + ', '.join(shas) if shas else ''}) "
             f"or torchvision's files, or set data.download=true where a network exists."
         )
 
@@ -259,17 +269,47 @@ class ImageClassificationData(pl.LightningDataModule):
     def _loader(
         self, data: tuple[Tensor, Tensor], batch_size: int, train: bool, persistent: bool = False
     ) -> DataLoader:
-        collate = functools.partial(collate_uint8, augment=train and self.augment, flip=self.flip)
+        if train:  # shuffled + augmented, resumable mid-epoch, split across DDP ranks
+            trainer = self.trainer
+            sampler = EpochSeededSampler(
+                SeededPairs(*data),
+                batch_size,
+                self.seed,
+                drop_last=len(data[1]) >= batch_size,
+                num_replicas=trainer.world_size if trainer is not None else 1,
+                rank=trainer.global_rank if trainer is not None else 0,
+            )
+            return ResumableLoader(
+                sampler.dataset,
+                batch_size=batch_size,
+                sampler=sampler,
+                drop_last=sampler.batch_drop_last,
+                num_workers=self.num_workers,
+                persistent_workers=persistent and self.num_workers > 0,
+                collate_fn=functools.partial(collate_seeded, augment=self.augment, flip=self.flip),
+                generator=torch.Generator().manual_seed(self.seed),  # iter() must not draw from the global RNG
+                progress=self._trained_batches,
+                epoch=self._next_epoch,
+            )
         return DataLoader(
             TensorDataset(*data),
             batch_size=batch_size,
-            shuffle=train,
-            drop_last=train and len(data[1]) >= batch_size,
+            shuffle=False,
             num_workers=self.num_workers,
             persistent_workers=persistent and self.num_workers > 0,
-            collate_fn=collate,
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
+            collate_fn=functools.partial(collate_uint8, augment=False, flip=self.flip),
+            generator=torch.Generator().manual_seed(self.seed),  # worker seeds: not from the global RNG
         )
+
+    def _next_epoch(self) -> int:
+        """The epoch the trainer runs next (what Lightning passes to ``set_epoch``)."""
+        trainer = self.trainer
+        return 0 if trainer is None else int(trainer.fit_loop.epoch_progress.current.processed)
+
+    def _trained_batches(self) -> int:
+        """Batches of the current epoch already trained on (what a checkpoint must not repeat)."""
+        trainer = self.trainer
+        return 0 if trainer is None else int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
 
     def _test_subset(self, n: int | None) -> tuple[Tensor, Tensor]:
         images, labels = self._ensure_test()
@@ -278,9 +318,36 @@ class ImageClassificationData(pl.LightningDataModule):
         idx = balanced_indices(labels, n, self.seed)
         return images[idx], labels[idx]
 
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled (seeded), augmented batches of the n_train subset."""
-        return self._loader(self._ensure_train(), self.batch_size, train=True, persistent=True)
+    def train_device(self) -> torch.device | None:
+        """Where training batches are made: the trainer's device with ``data.on_device=true`` (CPU
+        without a trainer), or with ``null`` when that device is a GPU; None: the CPU loader."""
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        if self.on_device is True or (self.on_device is None and device.type == "cuda"):
+            return device
+        return None
+
+    def train_dataloader(self) -> DataLoader | DeviceBatches:
+        """Shuffled (seeded), augmented batches of the n_train subset (made on the GPU with ``data.on_device``)."""
+        device = self.train_device()
+        if device is None:
+            return self._loader(self._ensure_train(), self.batch_size, train=True, persistent=True)
+        images, labels = self._ensure_train()
+        trainer = self.trainer
+        return DeviceBatches(
+            images,
+            labels,
+            self.batch_size,
+            augment=self.augment,
+            flip=self.flip,
+            padding=CROP_PADDING,
+            drop_last=len(labels) >= self.batch_size,
+            seed=self.seed,
+            num_replicas=trainer.world_size if trainer is not None else 1,
+            rank=trainer.global_rank if trainer is not None else 0,
+            device=device,
+            progress=self._trained_batches,
+        )
 
     def val_dataloader(self) -> DataLoader:
         """A fixed class-balanced subset (n_val) of the test split, for per-epoch validation."""

@@ -138,9 +138,11 @@ def load_pack(
     select the sha256 in :data:`KNOWN_SHA256`, checked on the first decode only.
     """
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"dataset pack file not found: {path}")
     dataset = dataset or path.parent.name
+    if not path.is_file():
+        expected = KNOWN_SHA256.get((dataset, path.stem))
+        want = f"expected sha256 {expected}" if expected else "no known sha256 for this file"
+        raise FileNotFoundError(f"dataset pack file not found: {path} ({want}; see the pack's README)")
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     key = _cache_key(path, dataset)
     hit = _read_cache(cache, key)

@@ -1,0 +1,187 @@
+"""Checkpoints that survive preemption: atomic, finite, safe to load, and complete enough to
+resume a run exactly.
+
+* :class:`AtomicCheckpointIO` writes a checkpoint to a temp file in the target directory, fsyncs
+  it and renames it over the final name, so a crash mid-write never leaves a truncated
+  ``last.ckpt`` (Lightning's default stages the file in the system temp dir and *copies* it
+  across file systems, which is not atomic). It refuses to write model state holding NaN/Inf,
+  so the file on disk is always the last good one, and it loads with ``weights_only=True`` only.
+* :class:`LastCheckpoint` keeps one ``last.ckpt``, written at epoch ends (after validation and
+  every epoch-end hook) and, optionally, every N optimizer steps inside an epoch, never at the
+  epoch's last batch: Lightning resumes a checkpoint taken there as "mid-epoch" and skips that
+  epoch's validation, its ``on_train_epoch_end`` and the next ``on_train_epoch_start`` (where
+  pruning happens), so the resumed run would diverge.
+* :class:`RNGState` puts the global random state (torch, CUDA, numpy, Python) into the
+  checkpoint and restores it on resume: the training attack's random start draws from it.
+  Batch order and augmentation have their own seeded state, see
+  :mod:`frep_lightning.data.resumable`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import Tensor
+
+from frep_lightning.export import atomic_write_bytes, safe_load
+
+MODEL_STATE_KEYS = ("state_dict", "current_model_state")
+
+
+class NonFiniteStateError(FloatingPointError):
+    """Model state holds NaN/Inf; the checkpoint on disk was left as it was."""
+
+
+def _tensors(tree: Any, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
+    if isinstance(tree, Tensor):
+        yield prefix, tree
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _tensors(value, f"{prefix}.{key}" if prefix else str(key))
+
+
+def non_finite_entries(checkpoint: dict[str, Any]) -> list[str]:
+    """Names of floating-point model tensors (live and ensemble) that hold NaN or Inf."""
+    bad = []
+    for key in MODEL_STATE_KEYS:
+        for name, tensor in _tensors(checkpoint.get(key, {}), key):
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad.append(name)
+    return bad
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``TorchCheckpointIO`` with atomic local writes, a finiteness guard and weights-only loads."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO.save_checkpoint does not take storage_options")
+        bad = non_finite_entries(checkpoint)
+        if bad:
+            raise NonFiniteStateError(
+                f"refusing to write checkpoint {path}: non-finite values in {', '.join(bad[:5])}"
+                f"{' and more' if len(bad) > 5 else ''} (step {checkpoint.get('global_step')}). The file on disk "
+                "is the last good checkpoint; resume from it with a lower optim.lr."
+            )
+        if not _is_local_file_protocol(path):
+            super().save_checkpoint(checkpoint, path)  # remote stores: fsspec's transactional write
+            return
+        atomic_write_bytes(path, lambda f: torch.save(checkpoint, f))
+
+    def load_checkpoint(
+        self, path: Any, map_location: Callable | None = lambda storage, loc: storage, weights_only: bool | None = None
+    ) -> dict[str, Any]:
+        if weights_only is False:
+            raise ValueError("frep-lightning loads checkpoints with weights_only=True only (no arbitrary unpickling)")
+        if not _is_local_file_protocol(path):
+            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        checkpoint = safe_load(path, map_location=map_location)
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict' entry); cannot resume from it")
+        return checkpoint
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``<dirpath>/last.ckpt``, overwritten at every save (through the trainer's CheckpointIO, i.e.
+    atomically with :class:`AtomicCheckpointIO`).
+
+    Saves at the end of every training epoch (after validation and the other callbacks'
+    epoch-end hooks) and, with ``every_n_train_steps``, also every N optimizer steps except at an
+    epoch's last batch, whose state the epoch-end save records instead (see the module docstring).
+    """
+
+    def __init__(self, dirpath: Any, every_n_train_steps: int | None = None) -> None:
+        if every_n_train_steps is not None and (
+            not isinstance(every_n_train_steps, int) or isinstance(every_n_train_steps, bool) or every_n_train_steps < 1
+        ):
+            raise ValueError(f"checkpoint.every_n_train_steps={every_n_train_steps!r} must be an integer > 0 or null")
+        super().__init__(
+            dirpath=dirpath,
+            filename="last",
+            save_top_k=1,
+            enable_version_counter=False,
+            every_n_train_steps=every_n_train_steps,
+            save_on_train_epoch_end=True,
+        )
+        self.step_interval = every_n_train_steps
+
+    @property
+    def path(self) -> Path:
+        return Path(str(self.dirpath)) / "last.ckpt"
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return  # the epoch-end save records this state, after validation
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.step_interval is None:
+            super().on_train_epoch_end(trainer, pl_module)
+        elif not self._should_skip_saving_checkpoint(trainer):
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Epoch-end saves happen in ``on_train_epoch_end``, after this."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A resumed run usually writes into a new run directory: there is no best-k bookkeeping to
+        carry over for a single ``last.ckpt`` (and Lightning would warn about the new dirpath)."""
+        if state_dict.get("dirpath") == self.dirpath:
+            super().load_state_dict(state_dict)
+
+
+def collect_rng_states() -> dict[str, Any]:
+    """The global random states, as tensors and plain Python values (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "torch.cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+    }  # fmt: skip
+
+
+def restore_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    cuda = states.get("torch.cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    n = states["numpy"]
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state((n["kind"], keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    p = states["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+
+
+class RNGState(Callback):
+    """Saves the global random states with every checkpoint and restores them on resume.
+
+    Under DDP rank 0 writes the checkpoint; every rank starts from the same seed and draws the
+    same amount, so rank 0's state stands for all of them.
+    """
+
+    def __init__(self) -> None:
+        self.restored = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return collect_rng_states()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        restore_rng_states(state_dict)
+        self.restored = True
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.restored = False

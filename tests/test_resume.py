@@ -1,0 +1,478 @@
+"""Exact resume, atomic and finite checkpoints, safe loading, and failures that say what to do.
+
+A "kill" is a callback raising at the start of a given optimizer step, after ``last.ckpt`` was
+written; the next run resumes with ``ckpt_path=<that file>``. The resumed chain must reproduce
+the uninterrupted run step by step: same batches, same global RNG, same learning rate, same
+weights and ensemble after every step, same masks, same final metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+from torch import nn
+
+import frep_lightning.train as train_module
+from frep_lightning.checkpointing import AtomicCheckpointIO, LastCheckpoint, NonFiniteStateError, RNGState
+from frep_lightning.config import config_dir
+from frep_lightning.data import ImageClassificationData
+from frep_lightning.ensemble import TemporalEnsemble
+from frep_lightning.export import NotOurFileError, load_state_dict_file, safe_load, save_state_dict
+from frep_lightning.module import FReP
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "frep_lightning"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Several test processes share 2 cores here; 2 OpenMP threads each spin instead of working."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        h.update(key.encode())
+        h.update(tensors[key].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class Killed(RuntimeError):
+    """The simulated preemption."""
+
+
+class Recorder(pl.Callback):
+    """Records what every optimizer step saw and produced; raises at step ``kill_at``."""
+
+    def __init__(self, log: dict[str, dict[int, Any]], kill_at: int | None = None) -> None:
+        self.rec, self.kill_at = log, kill_at
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        step = trainer.global_step
+        if step == self.kill_at:
+            raise Killed(f"killed at step {step}")
+        self.rec["batch"][step] = digest({"x": batch[0], "y": batch[1]})
+        self.rec["rng"][step] = digest({"rng": torch.get_rng_state()})
+        self.rec["lr"][step] = trainer.optimizers[0].param_groups[0]["lr"]
+        self.rec["where"][step] = (trainer.current_epoch, idx)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        self.rec["live"][trainer.global_step] = digest(pl_module.state_dict())
+        ensemble = next(cb for cb in trainer.callbacks if isinstance(cb, TemporalEnsemble))  # type: ignore[attr-defined]
+        if ensemble.n_updates > 0:  # before its first update (tau = 0: a copy) the ensemble is not used
+            self.rec["ensemble"][trainer.global_step] = digest(ensemble._average_model.state_dict())
+
+
+def new_log() -> dict[str, dict[int, Any]]:
+    return {k: {} for k in ("batch", "rng", "lr", "where", "live", "ensemble")}
+
+
+@pytest.fixture
+def deterministic() -> Iterator[None]:
+    """trainer.deterministic=true flips a process-wide switch; put it back for the other tests."""
+    before = torch.are_deterministic_algorithms_enabled()
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+def tiny_cfg(pack_root: Path, cache_dir: Path, run_dir: Path, *extra: str) -> DictConfig:
+    """2 steps per epoch, 3 epochs: prune at the start of epoch 1, LR /10 at epoch 2."""
+    overrides = [
+        "experiment=smoke",
+        "model.width=2",
+        f"data.root={pack_root}",
+        f"data.cache_dir={cache_dir}",
+        "data.n_train=8",
+        "data.batch_size=4",
+        "data.n_val=8",
+        "data.eval_batch_size=8",
+        "eval.n_test=8",
+        "eval.pgd_steps=1",
+        "eval.batch_size=8",
+        "val_attack_steps=1",
+        "monitor.n_images=8",
+        "monitor.steps=1",
+        "trainer.max_epochs=3",
+        "pruning.epoch=1",
+        "optim.milestones=[2]",
+        "ensemble.every_n_steps=2",
+        "ensemble.bn_batches=1",
+        "logger=none",
+        "checkpoint.every_n_train_steps=1",
+        "trainer.deterministic=true",
+        *extra,
+    ]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.run_dir = str(run_dir)
+    return cfg
+
+
+def run_with(cfg: DictConfig, monkeypatch: pytest.MonkeyPatch, *extra: pl.Callback) -> dict[str, Any]:
+    """``train.run`` with extra callbacks first in the list (before the checkpoint callback)."""
+    build = train_module.build_callbacks
+
+    def with_extra(cfg: DictConfig, run_dir: Path) -> Any:
+        callbacks, export = build(cfg, run_dir)
+        return [*extra, *callbacks], export
+
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "build_callbacks", with_extra)
+        return train_module.run(cfg)
+
+
+def final_state(run_dir: Path) -> dict[str, Any]:
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    return {
+        "masks": {k: v for k, v in ckpt["state_dict"].items() if k.endswith(".mask")},
+        "ensemble": ckpt["state_dict"],
+        "live": ckpt["current_model_state"],
+        "callbacks": ckpt["callbacks"],
+        "model.pt": load_state_dict_file(run_dir / "model.pt"),
+    }
+
+
+# kill points (global step at which the next step would start; last.ckpt holds the state before it)
+# (every step of a run, epoch boundaries included, is covered cheaply by the loader test below)
+KILLS = {
+    2: "before pruning, at the epoch-0 boundary (after validation, before epoch 1 prunes)",
+    3: "right after pruning, mid-epoch 1",
+    5: "after the LR drop, mid-epoch 2",
+}
+
+
+@pytest.mark.usefixtures("deterministic")
+def test_resume_from_any_point_equals_uninterrupted_run(
+    pack_root: Path, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ref_log = new_log()
+    ref = run_with(tiny_cfg(pack_root, cache_dir, tmp_path / "ref"), monkeypatch, Recorder(ref_log))
+    assert ref["global_steps"] == 6 and ref_log["lr"][5] == pytest.approx(0.01)
+
+    log, ckpt = new_log(), None
+    for i, step in enumerate(KILLS):
+        run_dir = tmp_path / f"part{i}"
+        extra = [f"ckpt_path={ckpt}"] if ckpt else []
+        with pytest.raises(Killed):
+            run_with(tiny_cfg(pack_root, cache_dir, run_dir, *extra), monkeypatch, Recorder(log, kill_at=step))
+        ckpt = run_dir / "checkpoints" / "last.ckpt"
+        saved = torch.load(ckpt, weights_only=True)
+        assert saved["global_step"] == step, KILLS[step]
+        check_checkpoint_contents(saved, step)
+    resumed = run_with(
+        tiny_cfg(pack_root, cache_dir, tmp_path / "final", f"ckpt_path={ckpt}"), monkeypatch, Recorder(log)
+    )
+
+    for key in ref_log:  # step by step, from every resume point on
+        assert log[key] == ref_log[key], key
+
+    a, b = final_state(tmp_path / "ref"), final_state(tmp_path / "final")
+    assert a["masks"] and all(torch.equal(a["masks"][k], b["masks"][k]) for k in a["masks"])  # exact
+    for k, v in a["ensemble"].items():
+        torch.testing.assert_close(b["ensemble"][k], v, rtol=1e-6, atol=1e-7)
+    for k, v in a["model.pt"].items():
+        torch.testing.assert_close(b["model.pt"][k], v, rtol=1e-6, atol=1e-7)
+    for name in ("RobustPruning", "TemporalEnsemble", "RobustnessMonitor"):
+        states = [v for k, v in a["callbacks"].items() if k.startswith(name)]
+        assert states == [v for k, v in b["callbacks"].items() if k.startswith(name)], name
+    for key in ("clean_acc", "pgd_acc", "sparsity", "epochs", "global_steps", "overfitting_epochs", "n_test"):
+        assert resumed[key] == pytest.approx(ref[key]), key
+
+
+def check_checkpoint_contents(ckpt: dict[str, Any], step: int) -> None:
+    """Everything a resume needs is in the file (and it loaded with weights_only=True)."""
+    ensemble_sd, live_sd = ckpt["state_dict"], ckpt["current_model_state"]
+    factors = [k for k in live_sd if k.endswith("parametrizations.weight.original1")]
+    masks = [k for k in live_sd if k.endswith("parametrizations.weight.0.mask")]
+    assert factors and len(factors) == len(masks) and set(ensemble_sd) == set(live_sd)
+    pruned = step >= 3
+    sparsity = sum(int((live_sd[k] == 0).sum()) for k in masks) / sum(live_sd[k].numel() for k in masks)
+    assert (sparsity == pytest.approx(0.9, abs=1e-3)) if pruned else sparsity == 0.0
+    assert all(torch.equal(ensemble_sd[k], live_sd[k]) for k in masks)  # same masks in both models
+    states = {k.split("{")[0]: v for k, v in ckpt["callbacks"].items()}
+    assert states["RobustPruning"]["pruned"] is pruned
+    ens = states["TemporalEnsemble"]
+    assert ens["interval"] == (20 if step >= 5 else 2) and ens["lr_at_interval_change"] > 0
+    # updates at steps t with t % 2 == 0 while the interval is 2: steps 2 and 4 (the LR drop seen after
+    # step 4, the epoch's last, applies from step 5 on)
+    assert ens["latest_update_step"] == (4 if step >= 5 else 2 if step >= 2 else 0)
+    assert int(ckpt["averaging_state"]["n_averaged"]) == (2 if step >= 5 else 1 if step >= 2 else 0)  # updates
+    assert set(states["RNGState"]) == {"torch", "torch.cuda", "numpy", "python"}
+    momentum = [s["momentum_buffer"] for s in ckpt["optimizer_states"][0]["state"].values()]
+    assert momentum and all(isinstance(m, torch.Tensor) for m in momentum)
+    assert ckpt["lr_schedulers"][0]["last_epoch"] == step // 2
+    # the training loader's position: (epoch, batches of it already trained on)
+    epoch, batches = {2: (0, 2), 3: (1, 1), 5: (2, 1)}[step]
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": epoch, "batches": batches}]
+
+
+# ---- the training loader alone: every kill point of a run, cheaply ---------------------------------
+class Linear(pl.LightningModule):
+    """Draws from the global RNG in training and validation, as the attacks do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3 * 8 * 8, 10)
+
+    def training_step(self, batch: Any, idx: int) -> torch.Tensor:
+        x, y = batch
+        noise = torch.rand(()).item()
+        return nn.functional.cross_entropy(self.fc(x.flatten(1)), y) * (1 + noise)
+
+    def validation_step(self, batch: Any, idx: int) -> None:
+        torch.rand(3)
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.MultiStepLR(opt, [1, 2], 0.5)}
+
+
+class HookLog(pl.Callback):
+    def __init__(self, out: list[Any], kill_at: int | None = None) -> None:
+        self.out, self.kill_at = out, kill_at
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.out.append(("epoch_start", trainer.current_epoch))
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.out.append(("val", trainer.current_epoch))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.out.append(("epoch_end", trainer.current_epoch))
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        if trainer.global_step == self.kill_at:
+            raise Killed
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        rng = digest({"r": torch.get_rng_state()})
+        self.out.append((trainer.current_epoch, idx, lr, digest({"x": batch[0], "y": batch[1]}), rng))
+
+
+def synthetic_datamodule(on_device: bool = False, workers: int = 0) -> ImageClassificationData:
+    g = torch.Generator().manual_seed(0)
+    dm = ImageClassificationData(
+        n_train=12, n_val=4, batch_size=4, eval_batch_size=4, seed=3, on_device=on_device, num_workers=workers
+    )
+    dm._train = (torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8, generator=g), torch.arange(12) % 10)
+    dm._test = (torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=g), torch.arange(4))
+    return dm
+
+
+def fit_linear(
+    root: Path, out: list[Any], kill_at: int | None = None, ckpt: Path | None = None, loader: str = "cpu"
+) -> None:
+    pl.seed_everything(0)
+    trainer = pl.Trainer(
+        max_epochs=3,
+        callbacks=[HookLog(out, kill_at), RNGState(), LastCheckpoint(root, every_n_train_steps=1)],
+        plugins=[AtomicCheckpointIO()],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=root,
+    )
+    with contextlib.suppress(Killed):
+        dm = synthetic_datamodule(on_device=loader == "device", workers=1 if loader == "workers" else 0)
+        trainer.fit(Linear(), datamodule=dm, ckpt_path=ckpt, weights_only=True)
+
+
+@pytest.mark.parametrize("loader", ["cpu", "workers", "device"])
+def test_batches_hooks_and_rng_resume_exactly_from_every_step(tmp_path: Path, loader: str) -> None:
+    """3 batches per epoch, 3 epochs: a kill before each of the 9 steps, epoch boundaries included
+    (where Lightning would skip validation and the epoch hooks if the save were at the last batch).
+    The datamodule's training loaders: collate in the main process, in a worker process (which
+    draws its indices when the iterator is made), and data.on_device (batches made where the
+    model is; on the CPU here)."""
+    ref: list[Any] = []
+    fit_linear(tmp_path / "ref", ref, loader=loader)
+    assert sum(1 for r in ref if isinstance(r[0], int)) == 9
+    assert [r[0] for r in ref if isinstance(r[0], str)].count("val") == 3
+    for step in range(1, 9):
+        before: list[Any] = []
+        fit_linear(tmp_path / f"k{step}", before, kill_at=step, loader=loader)
+        after: list[Any] = []
+        fit_linear(tmp_path / f"r{step}", after, ckpt=tmp_path / f"k{step}" / "last.ckpt", loader=loader)
+        assert after == ref[len(ref) - len(after) :], f"resume before step {step}"
+        assert before == ref[: len(before)] and len(before) + len(after) >= len(ref)
+
+
+def test_shuffle_is_per_epoch_and_split_across_ranks() -> None:
+    from frep_lightning.data.resumable import EpochSeededSampler, SeededPairs
+
+    data = SeededPairs(torch.zeros(10, 1), torch.arange(10))
+    s0 = EpochSeededSampler(data, batch_size=2, seed=0, num_replicas=2, rank=0)
+    s1 = EpochSeededSampler(data, batch_size=2, seed=0, num_replicas=2, rank=1)
+    e0 = [i for i, _ in s0]
+    r1 = [i for i, _ in s1]
+    assert sorted(e0 + r1) == list(range(10))  # the two ranks share the epoch without overlap
+    s0.set_epoch(1)
+    assert [i for i, _ in s0] != e0  # a new permutation every epoch
+    s0.set_epoch(0)
+    seeds = [seed for _, seed in s0]
+    assert seeds[0] == seeds[1] != seeds[2]  # one augmentation seed per batch
+    s0.skip_batches = 2
+    assert [i for i, _ in s0] == e0[4:]
+
+
+# ---- atomic writes, finiteness, safe loading ------------------------------------------------------
+def _crash_after_some_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    def partial_save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> None:
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full (simulated crash mid-write)")
+
+    monkeypatch.setattr(torch, "save", partial_save)
+
+
+def test_checkpoint_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    io = AtomicCheckpointIO()
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    good = {"state_dict": {"w": torch.ones(3)}, "global_step": 4}
+    io.save_checkpoint(good, path)
+    with monkeypatch.context() as m:
+        _crash_after_some_bytes(m)
+        with pytest.raises(OSError, match="simulated crash"):
+            io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 5}, path)
+    assert os.listdir(path.parent) == ["last.ckpt"]  # no temp file left behind
+    loaded = io.load_checkpoint(path)
+    assert loaded["global_step"] == 4 and torch.equal(loaded["state_dict"]["w"], torch.ones(3))
+    # a first write that crashes leaves no file at all under the final name
+    with monkeypatch.context() as m:
+        _crash_after_some_bytes(m)
+        with pytest.raises(OSError):
+            io.save_checkpoint(good, tmp_path / "fresh" / "last.ckpt")
+    assert os.listdir(tmp_path / "fresh") == []
+
+
+def test_model_pt_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "model.pt"
+    save_state_dict({"w": torch.ones(2)}, path)
+    with monkeypatch.context() as m:
+        _crash_after_some_bytes(m)
+        with pytest.raises(OSError):
+            save_state_dict({"w": torch.zeros(2)}, path)
+    assert os.listdir(tmp_path) == ["model.pt"]
+    assert torch.equal(load_state_dict_file(path)["w"], torch.ones(2))
+
+
+def test_non_finite_state_is_never_written(tmp_path: Path) -> None:
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}, "global_step": 1}, path)
+    bad = {"state_dict": {"w": torch.ones(2)}, "current_model_state": {"m.w": torch.tensor([1.0, float("nan")])}}
+    with pytest.raises(NonFiniteStateError, match=r"current_model_state\.m\.w"):
+        io.save_checkpoint({**bad, "global_step": 2}, path)
+    assert io.load_checkpoint(path)["global_step"] == 1
+
+
+class Payload:
+    """Unpickling this runs code: creates a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> Any:
+        return (Path.touch, (self.marker,))
+
+
+def test_pickled_objects_are_refused_not_run(tmp_path: Path) -> None:
+    marker = tmp_path / "code-ran"
+    evil = tmp_path / "model.pt"
+    torch.save({"net.weight": torch.ones(1), "extra": Payload(marker)}, evil)
+    with pytest.raises(NotOurFileError, match="not a state_dict or checkpoint written by frep-lightning"):
+        safe_load(evil)
+    with pytest.raises(NotOurFileError):
+        load_state_dict_file(evil)
+    with pytest.raises(NotOurFileError):
+        AtomicCheckpointIO().load_checkpoint(evil)
+    with pytest.raises(ValueError, match="weights_only=True only"):
+        AtomicCheckpointIO().load_checkpoint(evil, weights_only=False)
+    assert not marker.exists()
+    # well-formed files of the wrong kind get a clear message too
+    torch.save([torch.ones(1)], tmp_path / "list.pt")
+    with pytest.raises(NotOurFileError, match="expected a non-empty dict of name -> tensor"):
+        load_state_dict_file(tmp_path / "list.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(NotOurFileError, match="or is damaged, and is refused"):
+        load_state_dict_file(tmp_path / "junk.pt")
+    torch.save({"state_dict": {}, "pytorch-lightning_version": "2.6"}, tmp_path / "last.ckpt")
+    with pytest.raises(NotOurFileError, match="Lightning training checkpoint"):
+        load_state_dict_file(tmp_path / "last.ckpt")
+
+
+def test_every_torch_load_in_the_package_is_weights_only() -> None:
+    calls = []
+    for path in SRC.rglob("*.py"):
+        text = path.read_text()
+        start = 0
+        while (i := text.find("torch.load(", start)) >= 0:
+            depth, j = 0, i + len("torch.load")
+            while True:  # the call's full argument list, across lines
+                depth += {"(": 1, ")": -1}.get(text[j], 0)
+                j += 1
+                if depth == 0:
+                    break
+            calls.append((path.name, text[i:j]))
+            start = j
+    assert calls, "expected torch.load calls"
+    unsafe = [c for c in calls if "weights_only=True" not in c[1] and "``" not in c[1]]
+    assert unsafe == []
+
+
+# ---- failures: non-finite loss, out of memory ------------------------------------------------------
+@pytest.mark.usefixtures("deterministic")
+def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(
+    pack_root: Path, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from frep_lightning.objectives import SRE
+
+    calls = {"n": 0}
+    original = SRE.__call__
+
+    def nan_from_step_3(self: SRE, *args: Any) -> torch.Tensor:
+        calls["n"] += 1
+        loss = original(self, *args)
+        return loss * float("nan") if calls["n"] > 3 else loss
+
+    monkeypatch.setattr(SRE, "__call__", nan_from_step_3)
+    cfg = tiny_cfg(pack_root, cache_dir, tmp_path / "run", "monitor=null")
+    with pytest.raises(FloatingPointError) as info:
+        train_module.run(cfg)
+    message = str(info.value)
+    assert "non-finite training loss (nan) at step 3" in message and "optim.lr" in message
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert f"the last good checkpoint is kept: {last}" in message
+    ckpt = AtomicCheckpointIO().load_checkpoint(last)
+    assert ckpt["global_step"] == 3
+    assert all(torch.isfinite(v).all() for v in ckpt["current_model_state"].values() if v.is_floating_point())
+
+
+def test_out_of_memory_names_the_batch_size(
+    pack_root: Path, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def oom(self: FReP, batch: Any, batch_idx: int) -> torch.Tensor:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(FReP, "training_step", oom)
+    cfg = tiny_cfg(pack_root, cache_dir, tmp_path / "run", "monitor=null", "checkpoint.every_n_train_steps=null")
+    with pytest.raises(torch.cuda.OutOfMemoryError) as info:
+        train_module.run(cfg)
+    message = str(info.value)
+    assert "data.batch_size=4" in message and "lower data.batch_size (e.g. data.batch_size=2)" in message
+    assert "CUDA out of memory. Tried to allocate 2.00 GiB" in message

@@ -1,0 +1,215 @@
+"""The config schema (frep_lightning.config): one test per rule, each checking that the message
+names the key, the bad value and the allowed values, and that nothing is loaded before it fails."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from frep_lightning import config as config_module
+from frep_lightning.config import (
+    RULES,
+    ConfigError,
+    DataNotFoundError,
+    check_rules,
+    config_dir,
+    method_names,
+    validate_train_config,
+)
+from frep_lightning.data.pack import KNOWN_SHA256
+
+
+@pytest.fixture(scope="module")
+def base() -> DictConfig:
+    """The default experiment (trainer.max_epochs=6), composed once."""
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose(config_name="train", overrides=["model.width=4"])
+
+
+def with_value(cfg: DictConfig, key: str, value: Any) -> DictConfig:
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+    return cfg
+
+
+def test_default_config_is_valid(base: DictConfig) -> None:
+    validate_train_config(base)
+    assert check_rules(base) == []
+
+
+def test_every_rule_key_exists_in_the_default_config(base: DictConfig) -> None:
+    """The table does not drift from conf/: each rule's key is present (objective-specific ones aside)."""
+    optional = {"method.objective.beta", "checkpoint.every_n_train_steps"}
+    missing = [
+        r.key
+        for r in RULES
+        if r.key not in optional and OmegaConf.select(base, r.key, default="<absent>") == "<absent>"
+    ]
+    assert missing == []
+
+
+BAD = [
+    # (key, value, fragment of the message after "<key>=<value!r> ")
+    ("pruning.sparsity", 1.0, "must be in [0, 1)"),
+    ("pruning.sparsity", -0.1, "must be in [0, 1)"),
+    ("pruning.sparsity", "0.5", "must be in [0, 1)"),
+    ("pruning.epoch", 6, "must be an integer in [0, trainer.max_epochs=6)"),
+    ("pruning.epoch", -1, "must be an integer in [0, trainer.max_epochs=6)"),
+    ("pruning.mode", "random", "allowed values: unstructured, structured"),
+    ("ensemble.every_n_steps", 0, "must be an integer > 0"),
+    ("ensemble.every_n_steps", 2.5, "must be an integer > 0"),
+    ("ensemble.tau0", 0.0, "must be in (0, 1)"),
+    ("ensemble.tau0", 1.0, "must be in (0, 1)"),
+    ("ensemble.c", 0, "must be a number > 0"),
+    ("ensemble.bn", "ema", "allowed values: recompute, copy, average"),
+    ("ensemble.average", "mean", "allowed values: factors, product"),
+    ("method.attack.eps", 0, "must be a number in (0, 1] or a fraction like 8/255"),
+    ("method.attack.eps", "8/0", "must be a number in (0, 1] or a fraction like 8/255"),
+    ("method.attack.eps", 8, "must be a number in (0, 1] or a fraction like 8/255"),
+    ("eval.eps", -0.1, "must be a number in (0, 1] or a fraction like 8/255"),
+    ("method.attack.steps", 0, "must be an integer > 0"),
+    ("method.reparam_kind", "lowrank", "allowed values: hadamard, channel, none"),
+    ("method.reparam_init", "zeros", "allowed values: random, equal, ones"),
+    ("model.name", "resnet1000", "allowed values: resnet18, resnet34"),
+    ("model.name", "torchvision.no_such_net", "torchvision.<name>"),
+    ("data.name", "imagenet", "allowed values: cifar10, cifar100, svhn"),
+    ("data.format", "zip", "allowed values: auto, pack, torchvision"),
+    ("data.batch_size", 0, "must be an integer > 0"),
+    ("data.n_train", -5, "must be an integer > 0 or null"),
+    ("data.download", "yes", "must be true or false"),
+    ("trainer.max_epochs", 2.5, "must be an integer > 0"),
+    ("optim.lr", 0.0, "must be a number > 0"),
+    ("optim.momentum", 1.0, "must be in [0, 1)"),
+    ("optim.milestones", [5, 3], "strictly increasing"),
+    ("optim.gamma", 0.0, "must be in (0, 1]"),
+    ("seed", -1, "must be an integer >= 0"),
+    ("val_attack_steps", -1, "must be an integer >= 0"),
+    ("checkpoint.every_n_train_steps", 0, "must be an integer > 0 or null"),
+    ("ckpt_path", "/no/such/last.ckpt", "must be an existing checkpoint file"),
+    ("monitor.collapse_ratio", 1.5, "must be in (0, 1)"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "fragment"), BAD, ids=[f"{k}={v}" for k, v, _ in BAD])
+def test_rule_rejects_bad_value(base: DictConfig, key: str, value: Any, fragment: str) -> None:
+    cfg = with_value(base, key, value)
+    with pytest.raises(ConfigError) as info:
+        validate_train_config(cfg)
+    message = str(info.value)
+    assert f"{key}={value!r} " in message
+    assert fragment in message
+    assert "invalid config (1 problem)" in message  # only the key that is wrong
+
+
+def test_method_names_come_from_conf(base: DictConfig) -> None:
+    names = method_names()
+    assert {"frep", "frep_ch", "ori"} <= set(names)
+    with pytest.raises(ConfigError, match=r"method\.name='frepp' is not valid; allowed values: .*frep_ch"):
+        validate_train_config(with_value(base, "method.name", "frepp"))
+
+
+def test_all_problems_are_reported_together(base: DictConfig) -> None:
+    cfg = with_value(with_value(base, "pruning.sparsity", 1.5), "ensemble.tau0", 2.0)
+    cfg = with_value(cfg, "data.name", "mnist")
+    with pytest.raises(ConfigError) as info:
+        validate_train_config(cfg)
+    message = str(info.value)
+    assert "invalid config (3 problems)" in message
+    assert "pruning.sparsity=1.5 must be in [0, 1)" in message
+    assert "ensemble.tau0=2.0 must be in (0, 1)" in message
+    assert "data.name='mnist' is not valid; allowed values: cifar10, cifar100, svhn" in message
+
+
+def test_disabled_groups_are_not_checked(base: DictConfig) -> None:
+    cfg = copy.deepcopy(base)
+    with open_dict(cfg):
+        cfg.pruning = None
+        cfg.ensemble = None
+        cfg.monitor = None
+    validate_train_config(with_value(cfg, "trainer.max_epochs", 1))  # pruning.epoch=2 no longer matters
+
+
+def test_missing_required_key(base: DictConfig) -> None:
+    cfg = copy.deepcopy(base)
+    with open_dict(cfg):
+        del cfg.trainer["max_epochs"]
+        del cfg.data["name"]
+    with pytest.raises(ConfigError) as info:
+        validate_train_config(cfg)
+    assert "trainer.max_epochs is missing; it must be an integer > 0" in str(info.value)
+    assert "data.name is missing; allowed values: cifar10, cifar100, svhn" in str(info.value)
+
+
+def test_unknown_key_of_a_constructor_is_rejected(base: DictConfig) -> None:
+    """A typo added with + would otherwise surface as a TypeError after the data is loaded."""
+    with pytest.raises(ConfigError) as info:
+        validate_train_config(with_value(base, "pruning.sparsty", 0.9))
+    message = str(info.value)
+    assert "pruning.sparsty is not a parameter of frep_lightning.pruning.RobustPruning" in message
+    assert "allowed keys: sparsity, epoch, mode, include, exclude" in message
+    with pytest.raises(ConfigError, match=r"ensemble\.tauu is not a parameter of .*TemporalEnsemble"):
+        validate_train_config(with_value(base, "ensemble.tauu", 0.5))
+    with pytest.raises(ConfigError, match=r"trainer\.max_epoch is not a parameter of lightning\.pytorch\.Trainer"):
+        validate_train_config(with_value(base, "trainer.max_epoch", 5))
+
+
+def test_target_that_does_not_import(base: DictConfig) -> None:
+    with pytest.raises(ConfigError, match=r"ensemble\._target_='frep_lightning\.nowhere\.Ensemble' cannot be imported"):
+        validate_train_config(with_value(base, "ensemble._target_", "frep_lightning.nowhere.Ensemble"))
+
+
+def test_missing_data_names_root_download_and_sha256(base: DictConfig, tmp_path: Path) -> None:
+    cfg = with_value(base, "data.root", str(tmp_path / "nothing"))
+    validate_train_config(cfg)  # the schema alone does not look at files
+    with pytest.raises(DataNotFoundError) as info:
+        validate_train_config(cfg, check_data=True)
+    assert isinstance(info.value, FileNotFoundError) and isinstance(info.value, ConfigError)
+    message = str(info.value)
+    assert f"data.root={str(tmp_path / 'nothing')!r}" in message and "data.download=true" in message
+    assert str(tmp_path / "nothing" / "cifar10" / "train.npz") in message
+    assert f"train.npz sha256 {KNOWN_SHA256[('cifar10', 'train')]}" in message
+    # allowed when the data may be downloaded
+    validate_train_config(with_value(cfg, "data.download", True), check_data=True)
+
+
+def test_invalid_key_fails_before_any_data_is_read(
+    base: DictConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from frep_lightning.data import datamodule
+    from frep_lightning.train import run
+
+    def no_loading(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("data was loaded before the config was validated")
+
+    monkeypatch.setattr(datamodule, "load_pack", no_loading)
+    monkeypatch.setattr(datamodule.ImageClassificationData, "check_available", no_loading)
+    cfg = with_value(with_value(base, "ensemble.every_n_steps", 0), "run_dir", str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match=r"ensemble\.every_n_steps=0 must be an integer > 0"):
+        run(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_rules_table_is_one_per_key() -> None:
+    keys = [r.key for r in config_module.RULES]
+    assert len(keys) == len(set(keys))
+
+
+def test_missing_or_corrupt_pack_file_names_file_and_sha256(tmp_path: Path) -> None:
+    from frep_lightning.data.pack import load_pack
+
+    path = tmp_path / "cifar10" / "train.npz"
+    sha = KNOWN_SHA256[("cifar10", "train")]
+    with pytest.raises(FileNotFoundError) as info:
+        load_pack(path, tmp_path / "cache")
+    assert str(path) in str(info.value) and f"expected sha256 {sha}" in str(info.value)
+    path.parent.mkdir()
+    path.write_bytes(b"PK\x03\x04 truncated download")
+    with pytest.raises(ValueError) as corrupt:
+        load_pack(path, tmp_path / "cache")
+    assert str(path) in str(corrupt.value) and f"expected sha256 {sha}" in str(corrupt.value)
