@@ -24,6 +24,9 @@ train: $(STAMP) ## run the default experiment (small, CPU, offline CIFAR-10 pack
 smoke: $(STAMP) ## the <3-minute CPU smoke experiment
 	$(BIN)/frep-train experiment=smoke $(ARGS)
 
+bench: $(STAMP) ## step times eager vs fast (experiments/bench.py; reduced without a GPU); ARGS="..." adds options
+	$(BIN)/python experiments/bench.py $(ARGS)
+
 test: $(STAMP) ## run the test-suite
 	$(BIN)/python -m pytest -q $(ARGS)
 
@@ -38,4 +41,4 @@ format: $(STAMP) ## ruff autofix + format
 clean: ## remove run outputs and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .ruff_cache
 
-.PHONY: help install train smoke test lint format clean
+.PHONY: help install train smoke bench test lint format clean

@@ -1,0 +1,571 @@
+"""The fast training path: FReP's training step, unchanged, captured whole in one CUDA graph.
+
+Why: on an H100 an eager FReP step of a CIFAR ResNet-18 at batch 128 is launch-bound (~41 ms,
+and batch 512 costs the same); replaying the same step from a CUDA graph removes the launch
+cost (~11 ms with bf16 autocast and channels_last). The step is the one of
+:class:`~frep_lightning.module.FReP` (clean forward, random start + signed gradient step on the
+objective's attack loss, adversarial forward, objective, SGD), with nothing changed:
+
+- the SGD update is ``torch.optim.SGD``'s own arithmetic (:func:`sgd_update_`, foreach or the
+  fused kernel) on the optimizer's own momentum buffers, so checkpoints, pruning (which zeroes
+  factors *and* their momentum via :func:`~frep_lightning.pruning.apply_masks_`) and resuming
+  see a normal SGD state;
+- the learning rate lives in a device tensor refreshed from ``param_groups`` whenever the
+  scheduler changes it, so an LR drop needs no re-capture;
+- masks are buffers written in place by :class:`~frep_lightning.pruning.RobustPruning`, and the
+  ensemble swap copies in place, so the graph reads the new values without a re-capture;
+- loss and accuracies are summed on the device and read once per epoch (no host sync in a step);
+  a non-finite loss is counted there and raised at the end of the epoch.
+
+A fingerprint of every storage pointer the graph touches (parameters, buffers, momentum buffers)
+and of the hyper-parameters baked into it (momentum, weight decay, objective, attack) is checked
+before each replay; any change re-captures the step. Warm-up steps (``warmup_steps``, run
+eagerly on a side stream as CUDA graph capture requires) are real training steps.
+
+Lightning stays the driver: :class:`FastFReP` is FReP with manual optimization whose
+``training_step`` calls the LightningOptimizer's ``step`` with a closure that runs (or replays)
+the whole step; the torch optimizer itself then finds no ``.grad`` and does nothing, while
+Lightning advances ``global_step`` and runs the optimizer-step hooks as usual. LR schedulers are
+stepped here at the point where automatic optimization steps them (manual optimization leaves
+that to the module).
+
+On a CPU (or ``capture=none``) the same step runs eagerly; ``tests/test_equivalence.py`` checks
+that it gives the weights, masks and ensemble of the plain path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from frep_lightning.attacks import SignGradientAttack
+from frep_lightning.module import FReP
+from frep_lightning.objectives import Objective
+
+log = logging.getLogger("frep_lightning")
+
+CAPTURES = ("cuda_graph", "compile", "none")
+PRECISIONS = ("fp32", "bf16")
+SGD_IMPLS = ("auto", "fused", "foreach")
+
+# index of each running sum in FastStep.sums
+_LOSS, _CORRECT_ADV, _CORRECT_CLEAN, _COUNT, _NONFINITE = range(5)
+
+
+def _check_choice(key: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{key}={value!r} is not valid; allowed values: {', '.join(allowed)}")
+
+
+@torch.no_grad()
+def sgd_update_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    *,
+    lr: float | Tensor,
+    momentum: float,
+    weight_decay: float,
+    nesterov: bool,
+    impl: str = "foreach",
+) -> None:
+    """``torch.optim.SGD``'s update (dampening 0, not maximizing) on existing momentum buffers.
+
+    ``lr`` may be a float or a 0-dim tensor on the parameters' device (what a captured step uses,
+    so a new LR needs no re-capture). A zero momentum buffer gives exactly SGD's first step
+    (``buf = grad``), so buffers can be allocated before the first step. ``impl='fused'`` is
+    ``torch._fused_sgd_`` (one kernel), ``foreach`` the multi-tensor path of ``torch.optim.SGD``.
+    """
+    if not params:
+        return
+    if impl == "fused":
+        torch._fused_sgd_(
+            params,
+            grads,
+            momentum_buffers if momentum != 0 else [],
+            weight_decay=weight_decay,
+            momentum=momentum,
+            lr=lr,
+            dampening=0.0,
+            nesterov=nesterov,
+            maximize=False,
+            is_first_step=False,
+        )
+        return
+    if impl != "foreach":
+        raise ValueError(f"fast.sgd={impl!r} is not valid; allowed values: fused, foreach")
+    if weight_decay != 0:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    if momentum != 0:
+        torch._foreach_mul_(momentum_buffers, momentum)
+        torch._foreach_add_(momentum_buffers, grads)
+        grads = torch._foreach_add(grads, momentum_buffers, alpha=momentum) if nesterov else momentum_buffers
+    if isinstance(lr, Tensor):
+        torch._foreach_sub_(params, torch._foreach_mul(grads, lr))
+    else:
+        torch._foreach_add_(params, grads, alpha=-lr)
+
+
+@dataclass
+class _Group:
+    """One optimizer param group as the step sees it (params that take part, their buffers)."""
+
+    params: list[Tensor]
+    buffers: list[Tensor]
+    momentum: float
+    weight_decay: float
+    nesterov: bool
+
+
+@dataclass
+class _Captured:
+    """A captured step for one batch shape: its graph, static inputs and what it was captured against."""
+
+    warm: int = 0
+    graph: Any = None  # torch.cuda.CUDAGraph
+    x: Tensor | None = None
+    y: Tensor | None = None
+    fingerprint: tuple | None = None
+
+
+class FastStep:
+    """One FReP training step, run eagerly, replayed from a CUDA graph, or through ``torch.compile``.
+
+    Args:
+        model: the (reparameterized) backbone; trained in place.
+        objective, attack: as in :class:`~frep_lightning.module.FReP`.
+        optimizer: a ``torch.optim.SGD`` over ``model``'s parameters (its state holds the momentum).
+        capture: ``cuda_graph`` (whole step in one graph), ``compile`` (``torch.compile``,
+            ``mode="reduce-overhead"``) or ``none`` (eager). Off CUDA, always eager.
+        precision: ``fp32`` or ``bf16`` (autocast around the forwards; the update stays fp32).
+        sgd: ``fused``, ``foreach``, or ``auto`` (fused on CUDA, foreach elsewhere).
+        cache_weights: compute each W = W1·W2·mask once per step (``parametrize.cached``) instead of
+            once per forward; the same values, gradients summed in another order (rounding only).
+        warmup_steps: eager steps (real training steps) per batch shape before capturing.
+        memory_format: layout the inputs are given (``torch.channels_last`` with a channels-last model).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        objective: Objective,
+        attack: SignGradientAttack,
+        optimizer: torch.optim.Optimizer,
+        *,
+        capture: str = "cuda_graph",
+        precision: str = "fp32",
+        sgd: str = "auto",
+        cache_weights: bool = False,
+        warmup_steps: int = 3,
+        memory_format: torch.memory_format = torch.contiguous_format,
+    ) -> None:
+        _check_choice("fast.capture", capture, CAPTURES)
+        _check_choice("fast.precision", precision, PRECISIONS)
+        _check_choice("fast.sgd", sgd, SGD_IMPLS)
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
+            raise ValueError(f"fast.warmup_steps={warmup_steps!r} must be an integer >= 1 (capture needs a warm-up)")
+        if not isinstance(optimizer, torch.optim.SGD):
+            raise TypeError(
+                f"the fast path re-implements torch.optim.SGD's update inside the captured step; got "
+                f"{type(optimizer).__name__} (use fast.enabled=false with other optimizers)"
+            )
+        for i, group in enumerate(optimizer.param_groups):
+            if group.get("dampening", 0) != 0 or group.get("maximize", False) or group.get("differentiable", False):
+                raise ValueError(
+                    f"fast path: optimizer param group {i} uses dampening/maximize/differentiable, which the "
+                    "fast SGD update does not implement; use fast.enabled=false"
+                )
+            if isinstance(group["lr"], Tensor):
+                raise ValueError(f"fast path: optimizer param group {i} has a tensor lr; give SGD a float lr")
+        self.model, self.objective, self.attack, self.optimizer = model, objective, attack, optimizer
+        self.device = next(model.parameters()).device
+        self.cuda = self.device.type == "cuda"
+        self.requested = capture
+        self.mode = capture if self.cuda else "none"
+        self.precision = precision
+        self.impl = ("fused" if self.cuda else "foreach") if sgd == "auto" else sgd
+        self.cache_weights = bool(cache_weights)
+        self.warmup_steps = warmup_steps
+        self.memory_format = memory_format
+        self.sums = torch.zeros(5, device=self.device)
+        self.steps = 0
+        self.captures = 0
+        self.fallback: str | None = None  # why the requested capture was given up, if it was
+        self._lr = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=self.device) for g in self._pgroups]
+        self._lr_seen = [float(g["lr"]) for g in self._pgroups]
+        self._graphs: dict[tuple, _Captured] = {}
+        self._pool: Any = None
+        self._compiled: Callable[..., None] | None = None
+        self._groups: list[_Group] = []
+        self._tracked: list[Tensor] = []
+        self.refresh()
+        self._seen_fingerprint: tuple | None = None
+        if capture != "none" and not self.cuda:
+            log.info("fast.capture=%s needs CUDA; running the fast step eagerly on %s", capture, self.device)
+
+    # ---- state --------------------------------------------------------------------------
+    @property
+    def _pgroups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    def _collect_groups(self) -> list[_Group]:
+        """Params with requires_grad per group, with momentum buffers created (zeros) where missing."""
+        groups = []
+        for group in self._pgroups:
+            params = [p for p in group["params"] if p.requires_grad]
+            buffers = []
+            if group["momentum"] != 0:
+                for p in params:
+                    state = self.optimizer.state[p]
+                    buf = state.get("momentum_buffer")
+                    if buf is None:
+                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    elif buf.stride() != p.stride():  # e.g. loaded contiguous for a channels-last factor
+                        state["momentum_buffer"] = torch.empty_like(p).copy_(buf)  # fused kernels want one layout
+                    buffers.append(state["momentum_buffer"])
+            groups.append(
+                _Group(params, buffers, float(group["momentum"]), float(group["weight_decay"]), bool(group["nesterov"]))
+            )
+        return groups
+
+    def refresh(self) -> None:
+        """Re-read the tensors the step uses from the model and the optimizer state, so that replaced
+        objects (``optimizer.load_state_dict``, a reassigned buffer) are picked up. Walking a
+        parametrized model costs ~1 ms, so this runs at each epoch start (:class:`FastFReP`) and when
+        the per-step check sees a changed storage, not at every step."""
+        self._groups = self._collect_groups()
+        self._tracked = [*self.model.parameters(), *self.model.buffers()]
+        self._tracked += [b for g in self._groups for b in g.buffers]
+
+    def _fingerprint(self) -> tuple:
+        """What a captured graph has baked in: storages (``.data`` swaps included) and hyper-parameters."""
+        ptrs = tuple(t.data_ptr() for t in self._tracked)
+        hyper = tuple((len(g["params"]), g["momentum"], g["weight_decay"], g["nesterov"]) for g in self._pgroups)
+        return (ptrs, hyper, self.model.training, repr(self.objective), repr(self.attack))
+
+    def _sync_lr(self) -> None:
+        """Copy a changed python LR into its device tensor (a fill, no host sync)."""
+        for i, group in enumerate(self._pgroups):
+            lr = float(group["lr"])
+            if lr != self._lr_seen[i]:
+                self._lr[i].fill_(lr)
+                self._lr_seen[i] = lr
+
+    # ---- the step -----------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.precision == "bf16":
+            # no autocast weight cache: cached casts would be graph-private tensors reused across replays
+            return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=False)
+        return contextlib.nullcontext()
+
+    def _weights(self) -> contextlib.AbstractContextManager[Any]:
+        return parametrize.cached() if self.cache_weights else contextlib.nullcontext()
+
+    def body(self, x: Tensor, y: Tensor, lrs: Sequence[float | Tensor]) -> None:
+        """FReP.training_step + SGD: everything that one captured replay does."""
+        model, objective = self.model, self.objective
+        with self._autocast(), self._weights():
+            logits_clean = model(x) if objective.uses_clean else None
+            reference = None if logits_clean is None else logits_clean.detach()
+            x_adv = self.attack.perturb(model, x, lambda out: objective.attack_loss(out, reference, y))
+            logits_adv = model(x_adv)
+            loss = objective(logits_clean, logits_adv, y)
+        flat = [p for g in self._groups for p in g.params]
+        grads = torch.autograd.grad(loss, flat, allow_unused=True)
+        start = 0
+        for group, lr in zip(self._groups, lrs, strict=True):
+            gs = grads[start : start + len(group.params)]
+            start += len(group.params)
+            keep = [i for i, g in enumerate(gs) if g is not None]  # torch.optim.SGD skips grad-less params
+            params = [group.params[i] for i in keep]
+            # same layout as the parameter (a fused/foreach kernel wants matching strides)
+            grads_kept = [
+                gs[i] if gs[i].stride() == group.params[i].stride() else torch.empty_like(group.params[i]).copy_(gs[i])
+                for i in keep
+            ]
+            bufs = [group.buffers[i] for i in keep] if group.momentum != 0 else []
+            sgd_update_(
+                params,
+                grads_kept,
+                bufs,
+                lr=lr,
+                momentum=group.momentum,
+                weight_decay=group.weight_decay,
+                nesterov=group.nesterov,
+                impl=self.impl,
+            )
+        with torch.no_grad():
+            n = y.numel()
+            loss = loss.detach().float()
+            self.sums[_LOSS].add_(loss * n)
+            self.sums[_CORRECT_ADV].add_((logits_adv.detach().argmax(dim=1) == y).sum())
+            if reference is not None:
+                self.sums[_CORRECT_CLEAN].add_((reference.argmax(dim=1) == y).sum())
+            self.sums[_COUNT].add_(n)
+            self.sums[_NONFINITE].add_(torch.isfinite(loss).logical_not())
+
+    def __call__(self, x: Tensor, y: Tensor) -> None:
+        """One training step on the batch ``(x, y)`` (already on the device)."""
+        self.steps += 1
+        self._sync_lr()
+        if self.memory_format is not torch.contiguous_format:
+            x = x.contiguous(memory_format=self.memory_format)
+        if self.mode == "cuda_graph":
+            self._graph_step(x, y)
+        elif self.mode == "compile":
+            self._compiled_step(x, y)
+        else:
+            self.body(x, y, self._lr_seen)
+
+    def eager_reference(self, x: Tensor, y: Tensor) -> None:
+        """The captured step's arithmetic (LR read from the device tensor), run eagerly: what a replay must
+        reproduce (the GPU check of ``experiments/bench.py`` compares the two)."""
+        self.steps += 1
+        self._sync_lr()
+        self.body(x.contiguous(memory_format=self.memory_format), y, self._lr)
+
+    def _give_up(self, what: str, err: BaseException) -> None:
+        self.fallback = f"{what} failed ({type(err).__name__}: {str(err).strip().splitlines()[0][:200]})"
+        rank_zero_warn(f"fast path: {self.fallback}; running the step eagerly from now on")
+        self.mode = "none"
+        self._graphs.clear()
+        self._compiled = None
+
+    def _graph_step(self, x: Tensor, y: Tensor) -> None:
+        key = (tuple(x.shape), x.dtype, tuple(y.shape), y.dtype)
+        entry = self._graphs.setdefault(key, _Captured())
+        fingerprint = self._fingerprint()
+        if fingerprint != self._seen_fingerprint:  # first step, or a storage changed: re-read everything
+            self.refresh()
+            fingerprint = self._seen_fingerprint = self._fingerprint()
+        if entry.graph is not None and entry.fingerprint != fingerprint:
+            rank_zero_info("fast path: a tensor or hyper-parameter the captured step uses changed; re-capturing")
+            entry.graph = None
+        if entry.graph is None:
+            if entry.warm < self.warmup_steps:
+                self._side_stream_step(x, y)
+                entry.warm += 1
+                return
+            try:
+                self._capture(entry, x, y)
+            except Exception as err:  # a capture failure must not end the run: fall back, loudly
+                self._give_up("CUDA graph capture", err)
+                self.body(x, y, self._lr_seen)
+                return
+            entry.fingerprint = fingerprint
+        assert entry.x is not None and entry.y is not None
+        entry.x.copy_(x)
+        entry.y.copy_(y)
+        entry.graph.replay()
+
+    def _side_stream_step(self, x: Tensor, y: Tensor) -> None:
+        """An eager step on a side stream (how CUDA graph capture wants its warm-up)."""
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            self.body(x, y, self._lr)
+        current.wait_stream(side)
+
+    def _capture(self, entry: _Captured, x: Tensor, y: Tensor) -> None:
+        entry.x = torch.empty_like(x, memory_format=self.memory_format).copy_(x)
+        entry.y = y.clone()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self.body(entry.x, entry.y, self._lr)
+        entry.graph = graph
+        self.captures += 1
+        rank_zero_info(f"fast path: captured the training step for batch shape {tuple(x.shape)} (step {self.steps})")
+
+    def _compiled_step(self, x: Tensor, y: Tensor) -> None:
+        try:
+            if self._compiled is None:
+                self._compiled = torch.compile(self.body, mode="reduce-overhead", dynamic=False)
+            self._compiled(x, y, self._lr)
+        except Exception as err:
+            self._give_up("torch.compile", err)
+            self.body(x, y, self._lr_seen)
+
+    # ---- metrics --------------------------------------------------------------------------
+    def read_metrics(self) -> dict[str, float]:
+        """Means since the last read (one host sync), then reset the sums."""
+        loss_sum, adv, clean, count, nonfinite = self.sums.tolist()
+        self.sums.zero_()
+        out = {"count": count, "nonfinite": nonfinite}
+        if count > 0:
+            out.update(loss=loss_sum / count, acc_adv=adv / count, acc=clean / count)
+        return out
+
+    def describe(self) -> str:
+        """What actually ran, for logs and the bench table."""
+        parts = [self.mode if self.mode != "none" else "eager", self.precision, f"sgd={self.impl}"]
+        if self.captures:
+            parts.append(f"captures={self.captures}")
+        if self.memory_format is torch.channels_last:
+            parts.append("channels_last")
+        if self.cache_weights:
+            parts.append("cached W")
+        if self.fallback:
+            parts.append(f"fallback: {self.fallback}")
+        return ", ".join(parts)
+
+    def release(self) -> None:
+        """Drop captured graphs and their memory pool."""
+        self._graphs.clear()
+        self._pool = None
+        self._compiled = None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        """Copies of the LightningModule (e.g. the ensemble's) get no step: graphs cannot be copied."""
+        return None
+
+
+class FastFReP(FReP):
+    """:class:`~frep_lightning.module.FReP` whose training step is captured (see the module docstring).
+
+    Extra args (config ``fast.*``): ``capture``, ``precision``, ``channels_last`` (model and inputs
+    in NHWC, the layout bf16 convolutions want), ``sgd``, ``cache_weights``, ``warmup_steps``
+    (:class:`FastStep`) and ``cudnn_benchmark`` (let cuDNN pick convolution algorithms during
+    warm-up; ignored with a deterministic trainer).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *args: Any,
+        capture: str = "cuda_graph",
+        precision: str = "fp32",
+        channels_last: bool = False,
+        sgd: str = "auto",
+        cache_weights: bool = False,
+        warmup_steps: int = 3,
+        cudnn_benchmark: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        _check_choice("fast.capture", capture, CAPTURES)
+        _check_choice("fast.precision", precision, PRECISIONS)
+        _check_choice("fast.sgd", sgd, SGD_IMPLS)
+        for key, flag in (
+            ("channels_last", channels_last),
+            ("cache_weights", cache_weights),
+            ("cudnn_benchmark", cudnn_benchmark),
+        ):
+            if not isinstance(flag, bool):
+                raise ValueError(f"fast.{key} must be true or false, got {flag!r}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
+            raise ValueError(f"fast.warmup_steps={warmup_steps!r} must be an integer >= 1 (capture needs a warm-up)")
+        super().__init__(model, *args, **kwargs)
+        self.automatic_optimization = False
+        self.fast_options = {
+            "capture": capture,
+            "precision": precision,
+            "sgd": sgd,
+            "cache_weights": cache_weights,
+            "warmup_steps": warmup_steps,
+        }
+        self.channels_last = channels_last
+        self.cudnn_benchmark = cudnn_benchmark
+        if channels_last:  # before the ensemble's copy is made, so both models share the layout
+            self.model.to(memory_format=torch.channels_last)
+        self.fast_step: FastStep | None = None
+        self.fast_summary: str | None = None  # what ran (FastStep.describe), kept after training
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def on_train_start(self) -> None:
+        trainer = self.trainer
+        if str(trainer.precision) not in ("32-true", "32"):
+            raise ValueError(
+                f"fast.enabled=true needs trainer.precision=32-true (got {trainer.precision}); "
+                "use fast.precision=bf16 for mixed precision inside the captured step"
+            )
+        if trainer.world_size > 1:
+            raise ValueError(
+                "fast.enabled=true runs on one device: its step computes gradients with torch.autograd.grad, "
+                "which DDP does not all-reduce; use fast.enabled=false with several devices"
+            )
+        if self.cudnn_benchmark and self.device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
+            torch.backends.cudnn.benchmark = True
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        if isinstance(optimizer, list):
+            raise ValueError("the fast path drives exactly one optimizer")
+        self.fast_step = FastStep(
+            self.model,
+            self.objective,
+            self.attack,
+            optimizer,
+            memory_format=torch.channels_last if self.channels_last else torch.contiguous_format,
+            **self.fast_options,
+        )
+        # A checkpoint written before the epoch-end scheduler step: bring the LR to this epoch.
+        for config in trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            if config.interval == "epoch" and config.frequency == 1 and hasattr(sched, "last_epoch"):
+                while sched.last_epoch < self.current_epoch:
+                    sched.step()
+        rank_zero_info(f"fast path: {self.fast_step.describe()}")
+
+    def on_train_epoch_start(self) -> None:
+        if self.fast_step is not None:
+            self.fast_step.refresh()
+
+    def on_train_end(self) -> None:
+        if self.fast_step is not None:
+            self.fast_summary = self.fast_step.describe()
+            self.fast_step.release()
+        self.fast_step = None
+
+    # ---- training -------------------------------------------------------------------------
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        step = self.fast_step
+        if step is None:
+            raise RuntimeError("FastFReP.training_step outside trainer.fit (on_train_start builds the step)")
+        optimizer = self.optimizers()
+        optimizer.step(closure=lambda: step(x, y))  # Lightning counts the step and runs its hooks
+        self._step_schedulers(batch_idx)
+
+    def _step_schedulers(self, batch_idx: int) -> None:
+        """Where automatic optimization steps them (Lightning 2.6 ``training_epoch_loop.advance``): after
+        the optimizer step, before ``on_train_batch_end``; epoch-wise ones after the epoch's last batch,
+        so callbacks (the ensemble's LR watch) see the new LR at that batch, as on the plain path."""
+        trainer = self.trainer
+        last = batch_idx + 1 >= trainer.num_training_batches or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+        for config in trainer.lr_scheduler_configs:
+            if config.reduce_on_plateau:
+                continue
+            due_step = config.interval == "step" and (batch_idx + 1) % config.frequency == 0
+            due_epoch = config.interval == "epoch" and last and (self.current_epoch + 1) % config.frequency == 0
+            if due_step or due_epoch:
+                config.scheduler.step()
+
+    def on_train_epoch_end(self) -> None:
+        """Log the epoch's means: the one host sync of the epoch."""
+        if self.fast_step is not None:
+            metrics = self.fast_step.read_metrics()
+            if metrics["nonfinite"] > 0:
+                raise FloatingPointError(
+                    f"non-finite training loss in {int(metrics['nonfinite'])} step(s) of epoch {self.current_epoch}; "
+                    "lower optim.lr or check the data"
+                )
+            if metrics["count"] > 0:
+                self.log("train/loss", metrics["loss"], on_epoch=True, prog_bar=True)
+                self.log("train/acc_adv", metrics["acc_adv"], on_epoch=True)
+                if self.objective.uses_clean:
+                    self.log("train/acc", metrics["acc"], on_epoch=True, prog_bar=True)
+
+
+def iter_fast_options(cfg: Any) -> Iterator[tuple[str, Any]]:
+    """``(key, value)`` of a ``fast:`` config block that FastFReP takes (``enabled`` excluded)."""
+    for key in ("capture", "precision", "channels_last", "sgd", "cache_weights", "warmup_steps", "cudnn_benchmark"):
+        if key in cfg and cfg[key] is not None:
+            yield key, cfg[key]

@@ -1,0 +1,119 @@
+"""experiments/bench.py in its reduced (CPU) form: every planned row is measured and written, the
+targets table is filled, bad options fail naming the option, the GPU check's code runs (eagerly)."""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "experiments" / "bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("frep_bench", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["frep_bench"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_reduced_bench_measures_every_planned_row(bench: ModuleType, tmp_path: Path) -> None:
+    start = time.perf_counter()
+    result = bench.main(["--reduced", "--device", "cpu", "--out-dir", str(tmp_path)])
+    assert time.perf_counter() - start < 60  # ~6 s on an idle 2-core CPU
+
+    expected = bench.plan(result.args)
+    assert [(r.model, r.bs, r.method, r.mode) for r in result.rows] == expected
+    assert {m for m, *_ in expected} == {"resnet18", "vgg16_bn"}
+    assert {me for _, _, me, _ in expected} == {"natural", "frep", "pgd10"}
+    for row in result.rows:
+        assert row.ms is not None and row.ms > 0, row
+        assert row.images_per_s == pytest.approx(row.bs / row.ms * 1000)
+        assert "FAILED" not in row.note and row.steps >= 3, row
+    # on CPU the fast modes run the same step eagerly, and say so
+    fast = [r for r in result.rows if r.mode == "fast-fp32"]
+    assert fast and all(r.note.startswith("eager, fp32") for r in fast)
+    lightning = [r for r in result.rows if r.mode == "pl-fast-bf16"]
+    assert lightning and all("DeviceBatches, pruning 99 %, ensemble" in r.note for r in lightning)
+
+    name = f"bench-cpu-{datetime.date.today().isoformat()}"
+    md = (tmp_path / f"{name}.md").read_text()
+    data = json.loads((tmp_path / f"{name}.json").read_text())
+    assert result.path == tmp_path / f"{name}.md"
+    assert "| model | bs | method | mode | ms/step | images/s |" in md and "## Targets (issue 4)" in md
+    assert md.count("\n| resnet18 | 8 |") + md.count("\n| vgg16_bn | 8 |") == len(expected)
+    assert len(data["rows"]) == len(expected) and data["device"].startswith("cpu")
+    ratios = {what.split(",")[0]: value for what, value, _ in data["ratios"]}
+    assert ratios["FReP fast step in Lightning"] > 0
+    assert ratios["eager PGD-10 / fast FReP (pl-fast-bf16)"] > 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "option"),
+    [
+        (["--models", "resnet7"], "--models"),
+        (["--methods", "trades"], "--methods"),
+        (["--modes", "turbo"], "--modes"),
+        (["--e2e-paths", "fastest"], "--e2e-paths"),
+        (["--check"], "--check"),
+        (["--warmup", "1"], "--warmup"),
+    ],
+)
+def test_bad_options_fail_naming_the_option(
+    bench: ModuleType, argv: list[str], option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cpu", *argv])
+    assert option in capsys.readouterr().err
+
+
+def test_e2e_overrides_scale_the_recipe(bench: ModuleType, tmp_path: Path) -> None:
+    full = bench.e2e_overrides(100, "fast", True, tmp_path, ["data.root=.pack"])
+    assert "pruning.epoch=30" in full and "optim.milestones=[70,85]" in full and "trainer=gpu" in full
+    assert "fast.enabled=true" in full and "eval.pgd_steps=50" in full and full[-1] == "data.root=.pack"
+    assert "data.num_workers=0" in full
+    short = bench.e2e_overrides(10, "plain", False, tmp_path, [])
+    assert "pruning.epoch=3" in short and "optim.milestones=[7,8]" in short and "trainer=cpu" in short
+    assert not any(o.startswith("fast.") for o in short)
+
+
+def test_phase_timer_counts_nested_phases_once(bench: ModuleType) -> None:
+    timer = bench.PhaseTimer(cuda=False)
+    timer.push("train")
+    time.sleep(0.05)
+    with timer.phase("ensemble"):
+        time.sleep(0.05)
+    time.sleep(0.05)
+    timer.pop("train")
+    assert timer.totals["ensemble"] == pytest.approx(0.05, abs=0.04)
+    assert timer.totals["train"] == pytest.approx(0.10, abs=0.06)
+    assert timer.totals["train"] + timer.totals["ensemble"] == pytest.approx(0.15, abs=0.08)
+    assert time.time() - 3600 * 24 < bench.process_start_time() <= time.time()
+
+
+def test_capture_check_code_runs_eagerly_on_cpu(bench: ModuleType, one_thread: None) -> None:
+    """Off CUDA both sides of the check run eagerly: it must run through pruning and the LR drop and
+    agree (the device-LR arithmetic vs the float-LR one differ by rounding only)."""
+    result = bench.capture_check(torch.device("cpu"), "resnet18", 4, 8, steps=8)
+    assert result["result"] == "PASS", result
+    assert result["without random start: pruned weights not zero after replays"] == 0
+    assert result["RNG: replays reproduce the eager random starts"] is True

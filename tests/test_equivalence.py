@@ -1,0 +1,468 @@
+"""The fast path is the plain path, faster: same weights, masks, ensemble and data.
+
+On CPU the fast step runs eagerly (``capture`` falls back off CUDA), so with fixed seeds and
+deterministic algorithms a Lightning run of :class:`~frep_lightning.fast.FastFReP` (manual
+optimization, our SGD update, device metrics) must reproduce a run of
+:class:`~frep_lightning.module.FReP` (automatic optimization, ``torch.optim.SGD``) through a
+pruning event, an LR drop and LR-aware ensemble updates. The GPU-resident data path is checked
+on CPU tensors against the CPU loader, batch for batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from frep_lightning.data.augment import to_float
+from frep_lightning.data.datamodule import ImageClassificationData
+from frep_lightning.data.device_data import DeviceBatches
+from frep_lightning.data.resumable import EpochSeededSampler, ResumableLoader, SeededPairs, collate_seeded
+from frep_lightning.ensemble import TemporalEnsemble
+from frep_lightning.fast import FastFReP, FastStep, sgd_update_
+from frep_lightning.models import build_model
+from frep_lightning.module import FReP
+from frep_lightning.objectives import SRE
+from frep_lightning.pruning import RobustPruning
+from frep_lightning.reparam import iter_masked
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models: one intra-op thread is as fast, and immune to an oversubscribed CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def deterministic() -> Iterator[None]:
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(was)
+
+
+def _images(n: int, seed: int = 0, size: int = 32) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g), torch.randint(
+        0, 10, (n,), generator=g
+    )
+
+
+# ---- the GPU-resident data path, on CPU tensors ------------------------------------------------
+def _cpu_loader(images: Tensor, labels: Tensor, batch_size: int, seed: int, replicas: int = 1, rank: int = 0):
+    sampler = EpochSeededSampler(
+        SeededPairs(images, labels), batch_size, seed, drop_last=True, num_replicas=replicas, rank=rank
+    )
+    return ResumableLoader(
+        sampler.dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=sampler.batch_drop_last,
+        collate_fn=functools.partial(collate_seeded, augment=True, flip=True),
+    )
+
+
+@pytest.mark.parametrize(("replicas", "rank"), [(1, 0), (2, 1)])
+def test_device_batches_are_the_cpu_loaders_batches(replicas: int, rank: int) -> None:
+    images, labels = _images(70, size=8)
+    device = DeviceBatches(images, labels, 8, seed=3, num_replicas=replicas, rank=rank)
+    cpu = _cpu_loader(images, labels, 8, seed=3, replicas=replicas, rank=rank)
+    assert len(device) == len(cpu) == math.ceil(70 / replicas) // 8
+    for epoch in (0, 1, 5):
+        device.set_epoch(epoch)
+        cpu.sampler.set_epoch(epoch)
+        ours, theirs = list(device), list(cpu)
+        assert len(ours) == len(theirs) == len(device)
+        for (x1, y1), (x2, y2) in zip(ours, theirs, strict=True):
+            assert x1.dtype == torch.float32 and torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_device_batches_every_example_once_crops_are_shifted_windows() -> None:
+    """Each image carries its index in its pixels: every index once per epoch, and each output is
+    its source, zero-padded by 4, cropped at an offset in [0, 8]² and possibly mirrored."""
+    n, size = 48, 8
+    ids = torch.arange(n, dtype=torch.float32)
+    base = torch.stack([torch.full((3, size, size), 1 + i % 200, dtype=torch.uint8) for i in range(n)])
+    base[:, 0, 0, :] = torch.arange(size, dtype=torch.uint8) * 20 + 50  # asymmetric row: flips are visible
+    labels = ids.long()
+    loader = DeviceBatches(base, labels, 12, seed=7)
+    padded = nn.functional.pad(to_float(base), (4, 4, 4, 4))
+    orders = []
+    flips = 0
+    for epoch in (0, 1):
+        loader.set_epoch(epoch)
+        seen = []
+        for x, y in loader:
+            assert x.shape == (12, 3, size, size) and float(x.min()) >= 0.0 and float(x.max()) <= 1.0
+            for img, label in zip(x, y, strict=True):
+                src = padded[int(label)]
+                windows = [
+                    (src[:, r : r + size, c : c + size], f) for r in range(9) for c in range(9) for f in (False, True)
+                ]
+                matches = [f for w, f in windows if torch.equal(w.flip(-1) if f else w, img)]
+                assert matches, f"image of example {int(label)} is no shifted (flipped) window of it"
+                flips += all(matches)
+            seen.append(y)
+        order = torch.cat(seen)
+        assert sorted(order.tolist()) == list(range(n))  # every example exactly once
+        orders.append(order)
+    assert not torch.equal(orders[0], orders[1])  # a new order each epoch
+    assert 0 < flips < 2 * n  # some, not all, mirrored
+    loader.set_epoch(1)
+    again = torch.cat([y for _, y in loader])
+    assert torch.equal(again, orders[1])  # deterministic given (seed, epoch)
+
+
+def test_device_batches_resume_mid_epoch() -> None:
+    images, labels = _images(40, size=8)
+    full = DeviceBatches(images, labels, 8, seed=1)
+    full.set_epoch(2)
+    expected = list(full)
+    resumed = DeviceBatches(images, labels, 8, seed=1)
+    resumed.load_state_dict({"epoch": 2, "batches": 3})
+    rest = list(resumed)
+    assert len(rest) == 2
+    for (x1, y1), (x2, y2) in zip(rest, expected[3:], strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    done = DeviceBatches(images, labels, 8, seed=1, progress=lambda: 5)
+    done.load_state_dict({"epoch": 2, "batches": 5})  # saved after the epoch's last batch
+    assert (done.epoch, done.skip_batches) == (3, 0)  # resumes at the start of the next epoch
+    first = next(iter(done))
+    full.set_epoch(3)
+    assert torch.equal(first[1], next(iter(full))[1])
+
+
+def test_datamodule_on_device_option() -> None:
+    with pytest.raises(ValueError, match=r"data\.on_device"):
+        ImageClassificationData(on_device="yes")  # type: ignore[arg-type]
+    images, labels = _images(40, size=8)
+    for on_device, expected in ((True, DeviceBatches), (False, ResumableLoader), (None, ResumableLoader)):
+        dm = ImageClassificationData(batch_size=8, on_device=on_device)
+        dm._train = (images, labels)  # what setup() would load
+        loader = dm.train_dataloader()
+        assert isinstance(loader, expected), on_device
+    dm = ImageClassificationData(batch_size=8, on_device=True, seed=4)
+    dm._train = (images, labels)
+    dm_cpu = ImageClassificationData(batch_size=8, on_device=False, seed=4)
+    dm_cpu._train = (images, labels)
+    for (x1, y1), (x2, y2) in zip(dm.train_dataloader(), dm_cpu.train_dataloader(), strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+# ---- the SGD update ----------------------------------------------------------------------------
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("lr_kind", ["float", "tensor"])
+def test_sgd_update_is_torch_sgd(impl: str, nesterov: bool, lr_kind: str) -> None:
+    g = torch.Generator().manual_seed(0)
+    ref = [torch.randn(4, 3, generator=g, requires_grad=True), torch.randn(5, generator=g, requires_grad=True)]
+    ours = [p.detach().clone() for p in ref]
+    bufs = [torch.zeros_like(p) for p in ours]
+    opt = torch.optim.SGD(ref, lr=0.1, momentum=0.9, weight_decay=2e-4, nesterov=nesterov)
+    for step in range(4):
+        lr = 0.1 if step < 2 else 0.01
+        for group in opt.param_groups:
+            group["lr"] = lr
+        grads = [torch.randn(p.shape, generator=g) for p in ref]
+        for p, grad in zip(ref, grads, strict=True):
+            p.grad = grad.clone()
+        opt.step()
+        sgd_update_(
+            ours,
+            grads,
+            bufs,
+            lr=lr if lr_kind == "float" else torch.tensor(lr),
+            momentum=0.9,
+            weight_decay=2e-4,
+            nesterov=nesterov,
+            impl=impl,
+        )
+        for p, q in zip(ref, ours, strict=True):
+            torch.testing.assert_close(q, p.detach(), rtol=1e-6, atol=1e-7)
+    for p, buf in zip(ref, bufs, strict=True):
+        torch.testing.assert_close(buf, opt.state[p]["momentum_buffer"], rtol=1e-6, atol=1e-7)
+
+
+# ---- FReP vs FastFReP inside Lightning ---------------------------------------------------------
+class TinyData(pl.LightningDataModule):
+    """64 random images: DeviceBatches (on CPU) for training, a fixed subset for BN re-estimation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.images, self.labels = _images(64, seed=1)
+        self.batch_size = 16
+
+    def train_dataloader(self) -> DeviceBatches:
+        return DeviceBatches(self.images, self.labels, self.batch_size, seed=0)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(to_float(self.images[:16]), self.labels[:16]), batch_size=16)
+
+    def train_subset_loader(self, n: int, batch_size: int) -> DataLoader:
+        return DataLoader(TensorDataset(to_float(self.images[:n]), self.labels[:n]), batch_size=batch_size)
+
+
+class Probe(pl.Callback):
+    """Records every step (LR, step count, ensemble updates, all live tensors) and the live
+    state at the end of training, before the ensemble is copied into the live model."""
+
+    def __init__(self, ensemble: TemporalEnsemble) -> None:
+        self.ensemble = ensemble
+        self.steps: list[dict[str, Any]] = []
+        self.final: dict[str, Any] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.steps.append(
+            {
+                "global_step": trainer.global_step,
+                "lr": trainer.optimizers[0].param_groups[0]["lr"],
+                "updates": self.ensemble.n_updates,
+                "interval": self.ensemble.interval,
+                "params": torch.cat([p.detach().flatten() for p in pl_module.parameters()]).clone(),
+            }
+        )
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        optimizer = trainer.optimizers[0]
+        self.final = {
+            "live": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+            "ensemble": {k: v.detach().clone() for k, v in self.ensemble._average_model.module.state_dict().items()},
+            "momentum": [optimizer.state[p]["momentum_buffer"].clone() for p in pl_module.parameters()],
+            "lr": optimizer.param_groups[0]["lr"],
+            "updates": self.ensemble.n_updates,
+            "last_epoch": trainer.lr_scheduler_configs[0].scheduler.last_epoch,
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+        }
+
+
+def _fit(tmp_path: Path, fast: dict[str, Any] | None) -> tuple[Probe, RobustPruning, pl.Trainer]:
+    pl.seed_everything(0, verbose=False)
+    model = build_model("resnet18", num_classes=10, width=4)
+    kwargs: dict[str, Any] = {"lr": 0.1, "milestones": [2], "val_attack_steps": 1, "seed": 0}
+    module = FReP(model, **kwargs) if fast is None else FastFReP(model, **kwargs, **fast)
+    pruning = RobustPruning(sparsity=0.9, epoch=1)
+    ensemble = TemporalEnsemble(every_n_steps=2, interval_factor=2, bn="recompute", bn_batches=2)
+    probe = Probe(ensemble)
+    trainer = pl.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        inference_mode=False,
+        default_root_dir=str(tmp_path),
+        callbacks=[pruning, probe, ensemble],  # the probe sees the live model before the ensemble replaces it
+    )
+    trainer.fit(module, datamodule=TinyData())
+    return probe, pruning, trainer
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Probe, RobustPruning, pl.Trainer]:
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        return _fit(tmp_path_factory.mktemp("plain"), None)
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+def _rel(a: Tensor, b: Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize(
+    ("fast", "exact"),
+    [
+        ({"capture": "cuda_graph"}, True),  # off CUDA: the same step, eagerly; float tolerance at every step
+        # rounding-level changes (fused kernel, W summed once): sign() of the attack gradient turns a
+        # rounding difference into a 2*eps pixel change, so trajectories agree in norm (1e-2: catches gross
+        # errors such as stale cached weights; the fused update itself is exact in test_sgd_update_is_torch_sgd)
+        ({"capture": "none", "sgd": "fused", "cache_weights": True}, False),
+    ],
+    ids=["default", "fused-cached"],
+)
+def test_fast_path_equals_plain_path(
+    plain_run: tuple[Probe, RobustPruning, pl.Trainer],
+    tmp_path: Path,
+    deterministic: None,
+    fast: dict[str, Any],
+    exact: bool,
+) -> None:
+    ref, ref_pruning, ref_trainer = plain_run
+    probe, pruning, trainer = _fit(tmp_path, fast)
+
+    def close(actual: Tensor, expected: Tensor, what: str) -> None:
+        if exact:
+            torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-7, msg=lambda m: f"{what}: {m}")
+        elif actual.is_floating_point():  # small in norm, or (tiny tensors such as a BN bias) in absolute terms
+            diff = float((actual - expected).abs().max())
+            assert _rel(actual, expected) < 1e-2 or diff < 1e-4, f"{what}: rel. diff {_rel(actual, expected):.3g}"
+        else:
+            assert torch.equal(actual, expected), what
+
+    # the schedule: same step count, LR at every step (drop at epoch 2), ensemble updates and interval
+    assert trainer.global_step == ref_trainer.global_step == 12
+    assert [s["global_step"] for s in probe.steps] == [s["global_step"] for s in ref.steps] == list(range(1, 13))
+    assert [s["lr"] for s in probe.steps] == [s["lr"] for s in ref.steps]
+    assert {round(s["lr"], 6) for s in ref.steps} == {0.1, 0.01}
+    assert [(s["updates"], s["interval"]) for s in probe.steps] == [(s["updates"], s["interval"]) for s in ref.steps]
+    # updates after steps 2, 4, 6 (f_e = 2), the LR drop seen at step 8 (f_e = 4), updates after 8 and 12
+    assert [s["updates"] for s in ref.steps] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 4, 4]  # read before the step's update
+    assert ref.steps[-1]["interval"] == 4 and probe.final["updates"] == ref.final["updates"] == 5
+    assert pruning.pruned and pruning.pruned_at_step == ref_pruning.pruned_at_step == 4
+
+    # every step's weights, then the final live model, optimizer state, masks and ensemble
+    for i, (ours, theirs) in enumerate(zip(probe.steps, ref.steps, strict=True)):
+        close(ours["params"], theirs["params"], f"parameters after step {i + 1}")
+    assert probe.final["live"].keys() == ref.final["live"].keys()
+    for key, value in ref.final["live"].items():
+        if key.endswith(".mask"):
+            agree = float((probe.final["live"][key] == value).float().mean())
+            assert agree == 1.0 if exact else agree > 0.99, f"{key}: masks agree on {agree:.4f}"
+            assert torch.equal(probe.final["ensemble"][key], probe.final["live"][key]), key  # synced masks
+        else:
+            close(probe.final["live"][key], value, key)
+    for key, value in ref.final["ensemble"].items():
+        if not key.endswith(".mask"):
+            close(probe.final["ensemble"][key], value, f"ensemble {key}")
+    for i, (ours_buf, ref_buf) in enumerate(zip(probe.final["momentum"], ref.final["momentum"], strict=True)):
+        if exact:
+            close(ours_buf, ref_buf, f"momentum buffer {i}")
+        else:  # gradients see the flipped attack signs directly
+            assert _rel(ours_buf, ref_buf) < 0.1, f"momentum buffer {i}: rel. diff {_rel(ours_buf, ref_buf):.3g}"
+    assert probe.final["lr"] == ref.final["lr"] and probe.final["last_epoch"] == ref.final["last_epoch"] == 3
+
+    # pruned weights are exactly zero in the live model (and its factors), at the target sparsity
+    masks = {n: (m, p.mask) for n, m, p in iter_masked(trainer.lightning_module)}
+    kept = sum(int(mask.sum()) for _, mask in masks.values())
+    total = sum(mask.numel() for _, mask in masks.values())
+    assert kept == total - round(0.9 * total)
+
+    # epoch metrics: read once per epoch from device sums; the same means as Lightning's
+    ours_m, ref_m = probe.final["metrics"], ref.final["metrics"]
+    tol = 1e-5 if exact else 0.1
+    assert math.isclose(ours_m["train/loss"], ref_m["train/loss_epoch"], rel_tol=tol)
+    assert math.isclose(ours_m["train/acc"], ref_m["train/acc"], rel_tol=tol, abs_tol=0 if exact else 0.1)
+    assert math.isclose(ours_m["train/acc_adv"], ref_m["train/acc_adv"], rel_tol=tol, abs_tol=0 if exact else 0.1)
+    assert math.isclose(ours_m["val/acc"], ref_m["val/acc"], rel_tol=tol, abs_tol=0 if exact else 0.1)
+
+
+# ---- configuration, validation, failure modes ----------------------------------------------------
+def test_fast_config_builds_fast_module_and_device_data() -> None:
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from frep_lightning.train import build_module, config_dir
+
+    def cfg_for(*overrides: str):
+        with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+            return compose(config_name="train", overrides=["model.width=4", *overrides])
+
+    plain = build_module(cfg_for())
+    assert type(plain) is FReP and plain.automatic_optimization
+    assert instantiate(cfg_for().data).on_device is None  # auto: on with a CUDA trainer
+    module = build_module(
+        cfg_for("fast.enabled=true", "fast.precision=bf16", "fast.channels_last=true", "fast.sgd=foreach")
+    )
+    assert isinstance(module, FastFReP) and not module.automatic_optimization
+    assert module.fast_options == {
+        "capture": "cuda_graph",
+        "precision": "bf16",
+        "sgd": "foreach",
+        "cache_weights": False,
+        "warmup_steps": 3,
+    }
+    conv = next(p for p in module.model.parameters() if p.dim() == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    assert instantiate(cfg_for("data.on_device=true").data).on_device is True
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"capture": "graph"}, "fast.capture"),
+        ({"precision": "fp16"}, "fast.precision"),
+        ({"sgd": "adam"}, "fast.sgd"),
+        ({"channels_last": "yes"}, "fast.channels_last"),
+        ({"warmup_steps": 0}, "fast.warmup_steps"),
+    ],
+)
+def test_fast_options_are_validated(kwargs: dict[str, Any], key: str) -> None:
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        FastFReP(build_model("resnet18", width=4), **kwargs)
+
+
+def test_fast_step_refuses_what_it_does_not_implement() -> None:
+    model = build_model("resnet18", width=4)
+    module = FReP(model)
+    with pytest.raises(TypeError, match="torch.optim.SGD"):
+        FastStep(module.model, module.objective, module.attack, torch.optim.Adam(module.parameters()))
+    with pytest.raises(ValueError, match="dampening"):
+        FastStep(module.model, module.objective, module.attack, torch.optim.SGD(module.parameters(), 0.1, 0.9, 0.5))
+
+
+class _NaNObjective(SRE):
+    def __call__(self, logits_clean: Tensor | None, logits_adv: Tensor, y: Tensor) -> Tensor:
+        return super().__call__(logits_clean, logits_adv, y) * float("nan")
+
+
+def test_non_finite_loss_fails_at_the_end_of_the_epoch(tmp_path: Path) -> None:
+    """No host sync inside a step: a NaN loss is counted on the device and raised once per epoch."""
+    module = FastFReP(build_model("resnet18", width=4), objective=_NaNObjective(), val_attack_steps=0)
+    data = TinyData()
+    trainer = pl.Trainer(
+        max_epochs=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        inference_mode=False,
+        default_root_dir=str(tmp_path),
+    )
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss in 4 step\(s\) of epoch 0"):
+        trainer.fit(module, datamodule=data)
+
+
+def test_bf16_channels_last_step_runs_eagerly_and_keeps_layouts() -> None:
+    module = FReP(build_model("resnet18", width=4))
+    module.model.to(memory_format=torch.channels_last)
+    optimizer = module.configure_optimizers()["optimizer"]
+    convs = [p for p in module.model.parameters() if p.dim() == 4]
+    # a momentum buffer as a checkpoint restores it: contiguous, for a channels-last factor
+    optimizer.state[convs[0]]["momentum_buffer"] = convs[0].detach().contiguous().mul(0)
+    step = FastStep(
+        module.model,
+        module.objective,
+        module.attack,
+        optimizer,
+        precision="bf16",
+        sgd="fused",
+        memory_format=torch.channels_last,
+    )
+    assert optimizer.state[convs[0]]["momentum_buffer"].stride() == convs[0].stride()  # re-laid out
+    before = [p.detach().clone() for p in convs]
+    x, y = next(iter(TinyData().train_dataloader()))
+    step(x, y)
+    step(x, y)
+    metrics = step.read_metrics()
+    assert metrics["count"] == 2 * len(y) and metrics["nonfinite"] == 0 and math.isfinite(metrics["loss"])
+    assert step.read_metrics()["count"] == 0  # reading resets the sums
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    assert all(not torch.equal(p, q) for p, q in zip(convs, before, strict=True))
+    assert step.describe() == "eager, bf16, sgd=fused, channels_last"
