@@ -1,12 +1,15 @@
-"""Training objectives: SRE (FReP's default, Eq. 16) and cross-entropy adversarial training.
+"""Training objectives: SRE (FReP's default, Eq. 16), cross-entropy AT (FGSM-RS / PGD-k), TRADES, MART.
 
 An objective is two functions of logits: ``attack_loss`` (what the training attack maximises
 over x_adv) and ``__call__`` (what the optimizer minimises). A method is then a config choice of
-objective + attack + callbacks, not a fork of the training loop.
+objective + attack + callbacks, not a fork of the training loop. The config group ``objective``
+(``conf/objective/``) pairs each objective with its training attack: ``sre`` (FGSM-RS), ``fgsm``
+(CE, FGSM-RS), ``pgd`` (CE, PGD-10), ``trades`` and ``mart`` (PGD-10), paper Table VII.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -79,6 +82,72 @@ class CrossEntropyAT(Objective):
 
     def __call__(self, logits_clean: Tensor | None, logits_adv: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(logits_adv, y)
+
+
+class TRADES(Objective):
+    """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(softmax(f(x)) || softmax(f(x_adv))), batch mean.
+
+    The attack maximises the KL term against the detached clean output (the reference), as in
+    the reference implementation; with ``beta = 6`` as there.
+    """
+
+    def __init__(self, beta: float = 6.0) -> None:
+        if not beta >= 0:
+            raise ValueError(f"method.objective.beta={beta!r} must be >= 0")
+        self.beta = float(beta)
+
+    def __repr__(self) -> str:
+        return f"TRADES(beta={self.beta})"
+
+    @staticmethod
+    def kl(logits_ref: Tensor, logits_adv: Tensor) -> Tensor:
+        """KL(softmax(ref) || softmax(adv)) summed over classes, averaged over the batch."""
+        return F.kl_div(
+            logits_adv.log_softmax(dim=1), logits_ref.log_softmax(dim=1), reduction="batchmean", log_target=True
+        )
+
+    def attack_loss(self, logits_adv: Tensor, logits_clean: Tensor | None, y: Tensor) -> Tensor:
+        assert logits_clean is not None
+        return self.kl(logits_clean.detach(), logits_adv)
+
+    def __call__(self, logits_clean: Tensor | None, logits_adv: Tensor, y: Tensor) -> Tensor:
+        assert logits_clean is not None
+        return F.cross_entropy(logits_clean, y) + self.beta * self.kl(logits_clean, logits_adv)
+
+
+class MART(Objective):
+    """MART (Wang et al. 2020): boosted CE on x_adv plus a KL term weighted by how badly the clean
+    input is classified:
+
+    BCE(p_adv, y) + beta * mean_i[ KL(p_clean_i || p_adv_i) * (1 - p_clean_i[y_i]) ],
+    BCE = CE(f(x_adv), y) - log(1 - max_{k != y} p_adv[k]).
+
+    The attack maximises CE on x_adv (PGD), as in the reference implementation; the small
+    constants (1.0001, 1e-12, 1.0000001) are the reference implementation's, kept so that
+    numbers are comparable.
+    """
+
+    def __init__(self, beta: float = 6.0) -> None:
+        if not beta >= 0:
+            raise ValueError(f"method.objective.beta={beta!r} must be >= 0")
+        self.beta = float(beta)
+
+    def __repr__(self) -> str:
+        return f"MART(beta={self.beta})"
+
+    def attack_loss(self, logits_adv: Tensor, logits_clean: Tensor | None, y: Tensor) -> Tensor:
+        return F.cross_entropy(logits_adv, y)
+
+    def __call__(self, logits_clean: Tensor | None, logits_adv: Tensor, y: Tensor) -> Tensor:
+        assert logits_clean is not None
+        p_adv = logits_adv.softmax(dim=1)
+        # the most likely wrong class under attack
+        wrong = p_adv.masked_fill(F.one_hot(y, p_adv.shape[1]).bool(), float("-inf")).argmax(dim=1)
+        boosted = F.cross_entropy(logits_adv, y) + F.nll_loss(torch.log(1.0001 - p_adv + 1e-12), wrong)
+        p_clean = logits_clean.softmax(dim=1)
+        kl = (torch.xlogy(p_clean, p_clean) - p_clean * torch.log(p_adv + 1e-12)).sum(dim=1)
+        true_prob = p_clean.gather(1, y[:, None]).squeeze(1)
+        return boosted + self.beta * (kl * (1.0000001 - true_prob)).mean()
 
 
 def accuracy(logits: Tensor, y: Tensor) -> Tensor:

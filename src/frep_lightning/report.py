@@ -1,0 +1,719 @@
+"""``frep-report <sweep dir>...``: the paper's tables and figures from finished runs.
+
+Collects every run under the given directories (``summary.json`` from ``frep-train``,
+``eval.json`` from ``frep-eval``, the resolved ``config.yaml``, Hydra's ``overrides.yaml``) and
+writes ``report.md`` with
+
+- tables in the paper's layout: one per (dataset, model), rows = method (x sparsity), columns =
+  attacks (Clean, FGSM, PGD-50, MIM-50, Square, AA), plus measured sparsity and training time;
+- PNG figures: robust accuracy vs sparsity per method (Fig. 8), weight-magnitude histograms of
+  each method's ``model.pt`` (Fig. 7), ensemble-vs-live output distance and robust accuracy along
+  training from the CSV logger's ``metrics.csv`` (Fig. 5), Square accuracy vs queries (Fig. 6);
+- a "Missing" section: jobs a sweep's ``multirun.yaml`` asked for that have no run directory, runs
+  without ``summary.json`` (failed or still running), and figures that lack their data. Nothing
+  absent is skipped silently.
+
+Numbers come from ``eval.json`` when present (the full ``frep-eval`` attacks), else from
+``summary.json`` (clean and PGD-``eval.pgd_steps`` of the same exported file); each row says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import statistics
+import sys
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+# eval.json names (issue 3) -> column titles, in the paper's column order
+ATTACKS: tuple[tuple[str, str], ...] = (
+    ("clean", "Clean"),
+    ("fgsm", "FGSM"),
+    ("pgd50", "PGD-50"),
+    ("mim50", "MIM-50"),
+    ("square", "Square"),
+    ("aa", "AA"),
+    ("worst_case", "Worst case"),
+)
+ROBUST_PREFERENCE = ("aa", "pgd50", "worst_case", "mim50", "pgd20", "pgd10", "square", "fgsm")
+METHOD_ORDER = ("dense_at", "ori", "sparse_init", "fgsm", "lwm", "frep_ch", "frep")
+# sweep keys that place a run in a table (group / row position) rather than naming a variant
+PLACEMENT_KEYS = ("data", "model", "method", "pruning.sparsity", "seed", "experiment")
+NAMES = {
+    "cifar10": "CIFAR-10",
+    "cifar100": "CIFAR-100",
+    "svhn": "SVHN",
+    "resnet18": "ResNet-18",
+    "resnet34": "ResNet-34",
+    "resnet50": "ResNet-50",
+    "vgg16_bn": "VGG-16",
+    "wrn28_10": "WRN-28-10",
+}
+SQUARE_Q = re.compile(r"^square_q(\d+)$")
+
+
+# -- collecting --------------------------------------------------------------------------
+def _load_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _load_yaml(path: Path) -> Any:
+    if not path.is_file():
+        return None
+    try:
+        return OmegaConf.load(path)
+    except Exception:  # a half-written or foreign file: treated as absent
+        return None
+
+
+def _select(cfg: Any, key: str) -> Any:
+    if cfg is None:
+        return None
+    try:
+        value = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
+    except Exception:
+        return None
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _override_value(override: str) -> str:
+    return override.split("=", 1)[1] if "=" in override else ""
+
+
+@dataclass
+class Run:
+    """One training run directory and what was found in it."""
+
+    path: Path
+    config: Any = None
+    summary: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = None
+    extra_evals: list[dict[str, Any]] = field(default_factory=list)  # eval_*.json (e.g. Square at other budgets)
+    overrides: list[str] = field(default_factory=list)
+    variant_keys: tuple[str, ...] = ()
+
+    @property
+    def done(self) -> bool:
+        return self.summary is not None or self.evaluation is not None
+
+    def get(self, summary_key: str, config_key: str) -> Any:
+        if self.summary is not None and self.summary.get(summary_key) is not None:
+            return self.summary[summary_key]
+        return _select(self.config, config_key)
+
+    @property
+    def method(self) -> str:
+        return str(self.get("method", "method.name") or "?")
+
+    @property
+    def model(self) -> str:
+        return str(self.get("model", "model.name") or "?")
+
+    @property
+    def dataset(self) -> str:
+        return str(self.get("dataset", "data.name") or "?")
+
+    @property
+    def sparsity_target(self) -> float:
+        if self.summary is not None and self.summary.get("sparsity_target") is not None:
+            return float(self.summary["sparsity_target"])
+        if _select(self.config, "pruning._target_") is None:
+            return 0.0  # no pruning callback: dense
+        return float(_select(self.config, "pruning.sparsity") or 0.0)
+
+    @property
+    def sparsity(self) -> float | None:
+        for source in (self.evaluation, self.summary):
+            if source is not None and isinstance(source.get("sparsity"), (int, float)):
+                return float(source["sparsity"])
+        return None
+
+    @property
+    def label(self) -> str:
+        """Method name, plus the swept non-placement keys of its sweep (``objective=pgd``)."""
+        given = {_override_key(o): _override_value(o) for o in self.overrides}
+        extra = [f"{k.split('.')[-1]}={given[k]}" for k in self.variant_keys if k in given]
+        return " ".join([self.method, *extra])
+
+    def accuracies(self) -> dict[str, float]:
+        """Attack name -> accuracy in [0, 1]: eval.json first, then summary.json."""
+        acc: dict[str, float] = {}
+        if self.summary is not None:
+            if isinstance(self.summary.get("clean_acc"), (int, float)):
+                acc["clean"] = float(self.summary["clean_acc"])
+            if isinstance(self.summary.get("pgd_acc"), (int, float)):
+                acc[f"pgd{int(self.summary.get('pgd_steps') or 10)}"] = float(self.summary["pgd_acc"])
+            acc.update(_attack_numbers(self.summary))
+            for key, value in self.summary.items():  # frep-train's eval.attacks: <name>_acc
+                name = key[: -len("_acc")]
+                if key.endswith("_acc") and name not in ("clean", "pgd") and isinstance(value, (int, float)):
+                    acc[name] = float(value)
+        if self.evaluation is not None:
+            acc.update(_attack_numbers(self.evaluation))
+        return acc
+
+    def square_curve(self) -> dict[int, float]:
+        """Square accuracy by query budget: ``square_q<N>`` keys, a ``square_queries`` mapping, or
+        the ``square`` result of every ``eval*.json`` with its ``attack_settings.square.queries``."""
+        curve: dict[int, float] = {}
+        for source in (self.summary, self.evaluation, *self.extra_evals):
+            if source is None:
+                continue
+            queries_used = (source.get("attack_settings") or {}).get("square", {}).get("queries")
+            if isinstance(source.get("square"), (int, float)) and isinstance(queries_used, int):
+                curve[queries_used] = float(source["square"])
+            for key, value in _flat_numbers(source).items():
+                match = SQUARE_Q.match(key)
+                if match:
+                    curve[int(match.group(1))] = value
+            queries = source.get("square_queries")
+            if isinstance(queries, dict):
+                curve.update({int(q): float(v) for q, v in queries.items() if isinstance(v, (int, float))})
+        return dict(sorted(curve.items()))
+
+    @property
+    def source(self) -> str:
+        return "eval.json" if self.evaluation is not None else "summary.json"
+
+    def metrics_csv(self) -> Path | None:
+        found = sorted(self.path.glob("**/metrics.csv"))
+        return found[-1] if found else None
+
+
+def _flat_numbers(data: dict[str, Any]) -> dict[str, float]:
+    """Top-level numbers and those inside an accuracy container (``{"robust": {"pgd50": ...}}``)."""
+    out: dict[str, float] = {}
+    for key, value in data.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            out[key] = float(value)
+        elif isinstance(value, dict) and key in ("accuracy", "accuracies", "robust", "eval"):
+            for k, v in value.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    out.setdefault(k, float(v))
+    return out
+
+
+def _attack_numbers(data: dict[str, Any]) -> dict[str, float]:
+    flat = _flat_numbers(data)
+    names = {a for a, _ in ATTACKS} | set(ROBUST_PREFERENCE)
+    out = {k: v for k, v in flat.items() if k in names and 0.0 <= v <= 1.0}
+    for k, v in flat.items():  # pgd<k> / mim<k> with other step counts
+        if re.fullmatch(r"(pgd|mim)\d+", k) and 0.0 <= v <= 1.0:
+            out[k] = v
+    return out
+
+
+def is_run_dir(path: Path) -> bool:
+    return (
+        any((path / name).is_file() for name in ("summary.json", "eval.json", "config.yaml"))
+        or (path / ".hydra" / "overrides.yaml").is_file()
+    )
+
+
+def load_run(path: Path) -> Run:
+    config = _load_yaml(path / "config.yaml") or _load_yaml(path / ".hydra" / "config.yaml")
+    overrides = _load_yaml(path / ".hydra" / "overrides.yaml")
+    extra = [_load_json(p) for p in sorted(path.glob("eval?*.json"))]
+    return Run(
+        path=path,
+        config=config,
+        summary=_load_json(path / "summary.json"),
+        evaluation=_load_json(path / "eval.json"),
+        extra_evals=[e for e in extra if e is not None],
+        overrides=[str(o) for o in (OmegaConf.to_container(overrides) if overrides is not None else [])],
+    )
+
+
+@dataclass
+class Sweep:
+    """A Hydra multirun directory: the jobs it asked for and the runs found in it."""
+
+    path: Path
+    expected: list[list[str]]
+    varying: tuple[str, ...]
+    runs: list[Run] = field(default_factory=list)
+
+    def missing(self) -> list[tuple[list[str], str]]:
+        """(overrides, reason) for every expected job without a finished run."""
+        by_overrides = {frozenset(r.overrides): r for r in self.runs}
+        out = []
+        for job in self.expected:
+            run = by_overrides.get(frozenset(job))
+            if run is None:
+                out.append((job, "no run directory (not started)"))
+            elif not run.done:
+                out.append((job, f"no summary.json in {run.path.name} (failed or still running)"))
+        return out
+
+
+def expected_jobs(multirun_yaml: Path) -> tuple[list[list[str]], tuple[str, ...]]:
+    """The job override lists the basic sweeper makes from ``multirun.yaml`` (sweeper params +
+    command-line overrides, as ``BasicSweeper.sweep`` combines them), and the swept keys."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = OmegaConf.load(multirun_yaml)
+    params = _select(cfg, "hydra.sweeper.params") or {}
+    task = [str(o) for o in (_select(cfg, "hydra.overrides.task") or [])]
+    args = [f"{k}={v}" for k, v in params.items()] + task
+    overrides = OverridesParser.create().parse_overrides(args)
+    batches = BasicSweeper.split_arguments(overrides, None)
+    jobs = [list(job) for batch in batches for job in batch]
+    varying = tuple(
+        o.get_key_element().lstrip("+~")
+        for o in overrides
+        if o.is_sweep_override() and len(list(o.sweep_string_iterator())) > 1
+    )
+    return jobs, varying
+
+
+def collect(paths: Iterable[str | Path], max_depth: int = 4) -> tuple[list[Run], list[Sweep]]:
+    """Every run directory and every sweep under ``paths`` (each directory counted once)."""
+    runs: dict[Path, Run] = {}
+    sweeps: dict[Path, Sweep] = {}
+
+    def walk(path: Path, depth: int) -> None:
+        if (path / "multirun.yaml").is_file() and path not in sweeps:
+            try:
+                jobs, varying = expected_jobs(path / "multirun.yaml")
+            except Exception as err:  # a foreign/broken multirun.yaml: still report its runs
+                print(f"frep-report: cannot read the job list of {path / 'multirun.yaml'}: {err}", file=sys.stderr)
+                jobs, varying = [], ()
+            sweeps[path] = Sweep(path=path, expected=jobs, varying=varying)
+        if is_run_dir(path) and path not in runs:
+            runs[path] = load_run(path)
+            return
+        if depth >= max_depth:
+            return
+        for child in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if child.name in ("checkpoints", "csv", "wandb", "lightning_logs"):
+                continue
+            walk(child, depth + 1)
+
+    for p in paths:
+        path = Path(p).resolve()
+        if not path.is_dir():
+            raise FileNotFoundError(f"frep-report: {p} is not a directory")
+        walk(path, 0)
+    for sweep in sweeps.values():
+        keys = tuple(k for k in sweep.varying if k not in PLACEMENT_KEYS)
+        for run in runs.values():
+            if sweep.path in run.path.parents:
+                run.variant_keys = keys
+                sweep.runs.append(run)
+    return list(runs.values()), list(sweeps.values())
+
+
+# -- tables ------------------------------------------------------------------------------
+def _pretty(name: str) -> str:
+    return NAMES.get(name, name)
+
+
+def _method_rank(label: str) -> tuple[int, str]:
+    method = label.split(" ")[0]
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), label)
+
+
+def _fmt(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
+    if not values:
+        return "–"
+    mean = statistics.fmean(values) * scale
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f} (n={len(values)})"
+
+
+def grouped(runs: Sequence[Run]) -> dict[tuple[str, str], dict[tuple[float, str], list[Run]]]:
+    """(dataset, model) -> (sparsity target, label) -> finished runs (several: seeds)."""
+    groups: dict[tuple[str, str], dict[tuple[float, str], list[Run]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        if run.done:
+            groups[(run.dataset, run.model)][(run.sparsity_target, run.label)].append(run)
+    return groups
+
+
+def table_markdown(rows: dict[tuple[float, str], list[Run]]) -> str:
+    """One paper-layout table: rows method x sparsity, columns the attacks that any row has."""
+    accs = {key: [r.accuracies() for r in runs] for key, runs in rows.items()}
+    present = {k for per_row in accs.values() for a in per_row for k in a}
+    columns = [(a, title) for a, title in ATTACKS if a in present]
+    extra_pgd = sorted(k for k in present if re.fullmatch(r"(pgd|mim)\d+", k) and k not in dict(ATTACKS))
+    columns += [(k, k.upper().replace("PGD", "PGD-").replace("MIM", "MIM-")) for k in extra_pgd]
+    memory = any(r.summary and r.summary.get("peak_memory_gb") is not None for rs in rows.values() for r in rs)
+    head = ["Method", "Target", *[t for _, t in columns], "Sparsity", "Train (min)"]
+    head += ["Peak mem (GB)"] if memory else []
+    head += ["Source"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in sorted(rows, key=lambda k: (k[0], _method_rank(k[1]))):
+        runs = rows[key]
+        cells = [key[1], f"{key[0] * 100:g}%"]
+        for attack, _ in columns:
+            cells.append(_fmt([a[attack] for a in accs[key] if attack in a]))
+        measured = [r.sparsity for r in runs if r.sparsity is not None]
+        cells.append(_fmt(measured, digits=2))  # type: ignore[arg-type]
+        minutes = [r.summary["train_seconds"] / 60 for r in runs if r.summary and r.summary.get("train_seconds")]
+        cells.append(_fmt(minutes, scale=1.0))
+        if memory:
+            gb = [r.summary["peak_memory_gb"] for r in runs if r.summary and r.summary.get("peak_memory_gb")]
+            cells.append(_fmt(gb, scale=1.0, digits=2))
+        cells.append(", ".join(sorted({r.source for r in runs})))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# -- figures -----------------------------------------------------------------------------
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def robust_metric(runs: Sequence[Run]) -> str | None:
+    """The strongest attack measured for the most runs (AA > PGD-50 > ...)."""
+    best, best_count = None, 0
+    for name in ROBUST_PREFERENCE:
+        count = sum(name in r.accuracies() for r in runs)
+        if count > best_count:
+            best, best_count = name, count
+    return best
+
+
+def figure_robust_vs_sparsity(runs: Sequence[Run], out: Path) -> str | None:
+    """Fig. 8: robust accuracy vs sparsity target, one line per method label, one panel per group."""
+    groups = grouped(runs)
+    metric = robust_metric([r for r in runs if r.done])
+    if metric is None or not groups:
+        return None
+    plt = _pyplot()
+    keys = sorted(groups)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False)
+    for ax, gkey in zip(axes[0], keys, strict=True):
+        by_label: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        for (target, label), rs in groups[gkey].items():
+            values = [r.accuracies()[metric] for r in rs if metric in r.accuracies()]
+            if values:
+                by_label[label].append((target * 100, statistics.fmean(values) * 100))
+        for label in sorted(by_label, key=_method_rank):
+            pts = sorted(by_label[label])
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set_title(f"{_pretty(gkey[1])} / {_pretty(gkey[0])}")
+        ax.set_xlabel("sparsity target (%)")
+        ax.set_ylabel(f"{metric} accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "fig8_robust_vs_sparsity.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def weight_magnitudes(model_pt: Path) -> tuple[Any, float]:
+    """|w| of the nonzero prunable weights (Conv/Linear ``.weight``) and the fraction of zeros."""
+    import torch
+
+    state = torch.load(model_pt, map_location="cpu", weights_only=True)
+    weights = [v.detach().flatten().float() for k, v in state.items() if k.endswith(".weight") and v.dim() in (2, 4)]
+    if not weights:
+        return torch.empty(0), math.nan
+    flat = torch.cat(weights)
+    nonzero = flat[flat != 0].abs()
+    return nonzero, 1.0 - nonzero.numel() / max(flat.numel(), 1)
+
+
+def figure_weight_histograms(runs: Sequence[Run], out: Path) -> tuple[list[str], list[str]]:
+    """Fig. 7: log10 |w| histograms of each method's model.pt, one figure per (dataset, model,
+    sparsity); returns (figure files, runs whose model.pt is missing)."""
+    plt = _pyplot()
+    files, missing = [], []
+    groups = grouped(runs)
+    for (dataset, model), rows in sorted(groups.items()):
+        by_target: dict[float, list[tuple[str, Run]]] = defaultdict(list)
+        for (target, label), rs in rows.items():
+            by_target[target].append((label, rs[0]))
+        for target, entries in sorted(by_target.items()):
+            fig, ax = plt.subplots(figsize=(6, 3.6))
+            drawn = 0
+            for label, run in sorted(entries, key=lambda e: _method_rank(e[0])):
+                pt = run.path / "model.pt"
+                if not pt.is_file():
+                    missing.append(f"{run.path} (model.pt)")
+                    continue
+                mags, zeros = weight_magnitudes(pt)
+                if mags.numel() == 0:
+                    continue
+                ax.hist(
+                    mags.clamp_min(1e-12).log10().numpy(),
+                    bins=120,
+                    histtype="step",
+                    density=True,
+                    label=f"{label} ({zeros:.1%} zeros)",
+                )
+                drawn += 1
+            if drawn:
+                ax.set_xlabel("log10 |w| of nonzero weights")
+                ax.set_ylabel("density")
+                ax.set_title(f"{_pretty(model)} / {_pretty(dataset)}, target {target:.0%}")
+                ax.legend(fontsize=7)
+                fig.tight_layout()
+                path = out / f"fig7_weights_{dataset}_{model}_s{target:g}.png"
+                fig.savefig(path, dpi=110)
+                files.append(path.name)
+            plt.close(fig)
+    return files, missing
+
+
+def read_metrics(path: Path) -> dict[str, list[tuple[float, float]]]:
+    """Per-epoch series (epoch, value) of every column of a Lightning CSVLogger ``metrics.csv``."""
+    series: dict[str, dict[float, float]] = defaultdict(dict)
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            epoch = row.get("epoch")
+            if epoch in (None, ""):
+                continue
+            for key, value in row.items():
+                if key in ("epoch", "step") or value in (None, ""):
+                    continue
+                try:
+                    series[key][float(epoch)] = float(value)
+                except ValueError:
+                    continue
+    return {k: sorted(v.items()) for k, v in series.items()}
+
+
+def figure_training_curves(runs: Sequence[Run], out: Path) -> tuple[list[str], list[str]]:
+    """Fig. 5: (a) robust accuracy along training (validation PGD of the kept model, and
+    ``train/pgd_subset`` of the live model), (b) ensemble-vs-live output distance (Eq. 14)."""
+    plt = _pyplot()
+    files, missing = [], []
+    by_group: dict[tuple[str, str, float], list[tuple[str, dict[str, list[tuple[float, float]]]]]] = defaultdict(list)
+    for run in runs:
+        if not run.done:
+            continue
+        path = run.metrics_csv()
+        if path is None:
+            missing.append(f"{run.path} (metrics.csv)")
+            continue
+        by_group[(run.dataset, run.model, run.sparsity_target)].append((run.label, read_metrics(path)))
+    for (dataset, model, target), entries in sorted(by_group.items()):
+        fig, (ax_acc, ax_delta) = plt.subplots(1, 2, figsize=(10, 3.6))
+        any_delta = False
+        for i, (label, series) in enumerate(sorted(entries, key=lambda e: _method_rank(e[0]))):
+            color = f"C{i % 10}"  # one colour per run: solid = validation, dashed = live on train images
+            for key in sorted(series):
+                if re.fullmatch(r"val/pgd\d+", key):
+                    pts = series[key]
+                    ax_acc.plot([p[0] for p in pts], [p[1] * 100 for p in pts], color=color, label=f"{label} {key}")
+                elif key == "train/pgd_subset":
+                    pts = series[key]
+                    ax_acc.plot(
+                        [p[0] for p in pts],
+                        [p[1] * 100 for p in pts],
+                        color=color,
+                        ls="--",
+                        label=f"{label} live (train)",
+                    )
+            if "ensemble/delta" in series:
+                pts = series["ensemble/delta"]
+                ax_delta.plot([p[0] for p in pts], [p[1] for p in pts], color=color, marker=".", label=label)
+                any_delta = True
+        ax_acc.set_xlabel("epoch")
+        ax_acc.set_ylabel("PGD accuracy (%)")
+        ax_acc.set_title("(a) robust accuracy")
+        ax_acc.grid(alpha=0.3)
+        ax_acc.legend(fontsize=6)
+        ax_delta.set_xlabel("epoch")
+        ax_delta.set_ylabel("Δ (Eq. 14)")
+        ax_delta.set_title("(b) ensemble vs live output distance" + ("" if any_delta else ": no ensemble"))
+        ax_delta.grid(alpha=0.3)
+        if any_delta:
+            ax_delta.legend(fontsize=6)
+        fig.suptitle(f"{_pretty(model)} / {_pretty(dataset)}, target {target:.0%}")
+        fig.tight_layout()
+        path = out / f"fig5_training_{dataset}_{model}_s{target:g}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path.name)
+    return files, missing
+
+
+def figure_square_queries(runs: Sequence[Run], out: Path) -> str | None:
+    """Fig. 6: Square accuracy vs number of queries, one line per run that has several budgets."""
+    curves = [(r, r.square_curve()) for r in runs if r.done]
+    curves = [(r, c) for r, c in curves if len(c) >= 2]
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for run, curve in sorted(curves, key=lambda rc: (rc[0].model, _method_rank(rc[0].label))):
+        label = f"{run.label} {_pretty(run.model)} ({run.sparsity_target:.0%})"
+        ax.plot(list(curve), [v * 100 for v in curve.values()], marker="o", label=label)
+    ax.set_xlabel("queries")
+    ax.set_ylabel("Square accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "fig6_square_queries.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+# -- report ------------------------------------------------------------------------------
+def write_report(paths: Sequence[str | Path], out: str | Path, title: str = "frep-lightning report") -> Path:
+    """Collect, tabulate, plot; returns the path of ``report.md``."""
+    runs, sweeps = collect(paths)
+    if not runs and not any(s.expected for s in sweeps):
+        raise FileNotFoundError(
+            f"frep-report: no run directory (summary.json / eval.json / config.yaml) under {list(paths)}"
+        )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    finished = [r for r in runs if r.done]
+    lines = [f"# {title}", "", "Sources: " + ", ".join(f"`{Path(p)}`" for p in paths), ""]
+    lines.append(
+        f"{len(finished)} finished run(s), {len(runs) - len(finished)} without results, "
+        f"{sum(len(s.missing()) for s in sweeps)} expected sweep job(s) missing. Accuracies in %; "
+        '"Target" is the pruning target, "Sparsity" the measured fraction of exact zeros (%).'
+    )
+    devices = sorted({str(r.summary.get("device")) for r in finished if r.summary and r.summary.get("device")})
+    if devices:
+        lines.append("Device(s): " + "; ".join(devices) + ".")
+    epochs = sorted({int(r.summary["epochs"]) for r in finished if r.summary and r.summary.get("epochs") is not None})
+    if epochs:
+        lines.append("Epochs trained: " + ", ".join(map(str, epochs)) + ".")
+    lines.append("")
+
+    lines.append("## Tables")
+    for (dataset, model), rows in sorted(grouped(runs).items()):
+        lines += ["", f"### {_pretty(model)} / {_pretty(dataset)}", "", table_markdown(rows)]
+    warnings = [
+        (r.path.name, w)
+        for r in finished
+        if r.evaluation
+        for w in (r.evaluation.get("warnings") or [])
+        if isinstance(w, str)
+    ]
+    if warnings:
+        lines += ["", "### Evaluation warnings", ""] + [f"- `{name}`: {w}" for name, w in warnings]
+
+    missing_figures: list[str] = []
+    missing_files: list[str] = []
+    lines += ["", "## Figures", ""]
+    fig8 = figure_robust_vs_sparsity(runs, out)
+    if fig8:
+        lines += ["Fig. 8: robust accuracy vs sparsity per method.", "", f"![Fig. 8]({fig8})", ""]
+    else:
+        missing_figures.append("Fig. 8 (robust accuracy vs sparsity): no finished run with a robust accuracy")
+    fig7, no_model = figure_weight_histograms(runs, out)
+    missing_files += no_model
+    if fig7:
+        lines += ["Fig. 7: weight magnitudes of each method's exported model.", ""]
+        lines += [f"![Fig. 7]({name})" for name in fig7] + [""]
+    else:
+        missing_figures.append("Fig. 7 (weight histograms): no model.pt in any finished run")
+    fig5, no_metrics = figure_training_curves(runs, out)
+    missing_files += no_metrics
+    if fig5:
+        lines += ["Fig. 5: robust accuracy and ensemble-vs-live output distance Δ (Eq. 14) along training.", ""]
+        lines += [f"![Fig. 5]({name})" for name in fig5] + [""]
+    else:
+        missing_figures.append("Fig. 5 (training curves): no metrics.csv (use logger=csv or logger=wandb)")
+    fig6 = figure_square_queries(runs, out)
+    if fig6:
+        lines += ["Fig. 6: Square accuracy vs queries.", "", f"![Fig. 6]({fig6})", ""]
+    else:
+        missing_figures.append(
+            "Fig. 6 (Square accuracy vs queries): no run with Square at several query budgets; per run: "
+            "frep-eval ckpt=<run> attacks=[square] queries=<N> output=<run>/eval_square_q<N>.json"
+        )
+
+    lines += ["## Missing", ""]
+    any_missing = False
+    for sweep in sweeps:
+        for job, reason in sweep.missing():
+            lines.append(f"- sweep `{sweep.path.name}`: `{' '.join(job)}`: {reason}")
+            any_missing = True
+    swept = {r.path for s in sweeps for r in s.runs}
+    for run in runs:
+        if not run.done and run.path not in swept:
+            lines.append(f"- run `{run.path}`: no summary.json / eval.json (failed or still running)")
+            any_missing = True
+    for item in missing_files:
+        lines.append(f"- file: {item}")
+        any_missing = True
+    for item in missing_figures:
+        lines.append(f"- figure: {item}")
+        any_missing = True
+    if not any_missing:
+        lines.append("Nothing missing.")
+    lines.append("")
+
+    records = [
+        {
+            "path": str(r.path),
+            "method": r.method,
+            "label": r.label,
+            "model": r.model,
+            "dataset": r.dataset,
+            "sparsity_target": r.sparsity_target,
+            "sparsity": r.sparsity,
+            "accuracies": r.accuracies(),
+            "train_seconds": r.summary.get("train_seconds") if r.summary else None,
+            "source": r.source,
+        }
+        for r in finished
+    ]
+    (out / "report.json").write_text(json.dumps(records, indent=2, sort_keys=True) + "\n")
+    report = out / "report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="frep-report",
+        description="Tables (paper layout) and figures (Figs. 5-8) from frep-train runs and sweeps.",
+    )
+    parser.add_argument("dirs", nargs="+", help="sweep directories (multirun/...) or run directories")
+    parser.add_argument(
+        "-o", "--out", default=None, help="output directory (default: the only dir given, else ./report)"
+    )
+    parser.add_argument("--title", default="frep-lightning report")
+    args = parser.parse_args(argv)
+    out = args.out or (args.dirs[0] if len(args.dirs) == 1 else "report")
+    try:
+        path = write_report(args.dirs, out, title=args.title)
+    except FileNotFoundError as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(f"frep-report: wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""Running many experiments: one GPU per sweep job, W&B without prompts, sweep-level grouping.
+
+``PinDevice`` is a Hydra callback (``conf/hydra/launcher/gpus.yaml`` installs it) that gives
+every job process its own GPU before any CUDA call: it takes an exclusive ``flock`` on a free
+device slot and sets ``CUDA_VISIBLE_DEVICES``. A slot is held by the *process* (joblib's loky
+workers run several jobs one after the other, and CUDA reads ``CUDA_VISIBLE_DEVICES`` only once
+per process) and released by the OS when the process ends, even on a crash. With ``n_jobs`` equal
+to the number of slots, concurrently running jobs never share a GPU; slots live in one
+machine-wide directory, so two sweeps started side by side queue for devices instead of sharing
+them. Deriving the device from ``hydra.job.num`` would not do that: job 4 may start while job 0
+still runs on the same ``num % 4`` device.
+
+The W&B helpers choose the mode from the environment (``WANDB_MODE`` if set, else ``online``
+with ``WANDB_API_KEY``, else ``offline``), so a run never waits on a login prompt, and close a
+run explicitly so that sequential sweep jobs in one process never append to the previous run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback as HydraCallback
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+log = logging.getLogger("frep_lightning")
+
+# (device string, lock fd) held by this process for its whole life (see the module docstring)
+_HELD: tuple[str, int] | None = None
+
+
+# -- devices ----------------------------------------------------------------------------
+def visible_gpus() -> list[str]:
+    """GPU ids this process may use, found without initialising CUDA (which would freeze the
+    device set of the process): ``CUDA_VISIBLE_DEVICES`` if set, else ``nvidia-smi -L``."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip() and d.strip() != "-1"]
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, _ in enumerate(ln for ln in out.splitlines() if ln.strip().startswith("GPU "))]
+
+
+def resolve_devices(devices: Any) -> list[str]:
+    """``auto`` (every visible GPU), or an explicit list / comma string of device ids."""
+    if devices is None or devices == "auto":
+        return visible_gpus()
+    if isinstance(devices, (int, str)):
+        devices = str(devices).split(",")
+    return [str(d).strip() for d in devices if str(d).strip()]
+
+
+def device_slots(devices: Sequence[str], devices_per_job: int = 1, jobs_per_device: int = 1) -> list[str]:
+    """Slot names: each is a comma-joined group of ``devices_per_job`` devices, repeated
+    ``jobs_per_device`` times (``>1`` only when jobs are meant to share a GPU)."""
+    if devices_per_job < 1:
+        raise ValueError(f"hydra.callbacks.pin_device.devices_per_job={devices_per_job!r} must be >= 1")
+    if jobs_per_device < 1:
+        raise ValueError(f"hydra.callbacks.pin_device.jobs_per_device={jobs_per_device!r} must be >= 1")
+    groups = [",".join(devices[i : i + devices_per_job]) for i in range(0, len(devices), devices_per_job)]
+    groups = [g for g in groups if len(g.split(",")) == devices_per_job]  # a short last group is unused
+    return [g for g in groups for _ in range(jobs_per_device)]
+
+
+def default_lock_dir() -> Path:
+    return Path(tempfile.gettempdir()) / "frep_lightning-device-locks"
+
+
+def acquire_slot(
+    slots: Sequence[str], lock_dir: str | os.PathLike[str] | None = None, timeout: float | None = None
+) -> tuple[str, int]:
+    """Take an exclusive lock on the first free slot (waiting while all are taken); returns
+    ``(devices, fd)``. Closing ``fd`` (or the process ending) frees the slot."""
+    if not slots:
+        raise ValueError("no device slot to acquire (no GPU visible and none given)")
+    directory = Path(lock_dir) if lock_dir is not None else default_lock_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    start, warned = time.monotonic(), False
+    while True:
+        for i, slot in enumerate(slots):
+            path = directory / f"slot-{slot.replace(',', '_')}-{i}.lock"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return slot, fd
+        if timeout is not None and time.monotonic() - start >= timeout:
+            raise TimeoutError(f"no free device slot among {list(slots)} in {directory} after {timeout} s")
+        if not warned:
+            log.warning("PinDevice: all device slots %s are taken; waiting for one to free up", list(slots))
+            warned = True
+        time.sleep(0.05 if timeout is not None and timeout < 5 else 2.0)
+
+
+def _cuda_initialized() -> bool:
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_initialized())
+
+
+class PinDevice(HydraCallback):
+    """Hydra callback: pin each multirun job process to its own device slot.
+
+    Args:
+        devices: ``auto`` (all visible GPUs) or a list of ids; an empty set (CPU machine) is a no-op.
+        devices_per_job: GPUs each job sees (not for ``trainer=ddp``, whose re-executed ranks a
+            joblib worker cannot start; use the basic or SLURM launcher for DDP jobs).
+        jobs_per_device: jobs sharing one slot; 1 (default) means jobs never share a GPU.
+        lock_dir: directory of the slot locks (``null``: one machine-wide temp directory).
+        timeout: seconds to wait for a free slot (``null``: wait as long as it takes).
+    """
+
+    def __init__(
+        self,
+        devices: Any = "auto",
+        devices_per_job: int = 1,
+        jobs_per_device: int = 1,
+        lock_dir: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        if isinstance(devices, (DictConfig, ListConfig)):
+            devices = OmegaConf.to_container(devices)
+        self.devices = devices
+        self.devices_per_job = int(devices_per_job)
+        self.jobs_per_device = int(jobs_per_device)
+        device_slots([], self.devices_per_job, self.jobs_per_device)  # validates both
+        self.lock_dir = lock_dir
+        self.timeout = timeout
+
+    def slots(self) -> list[str]:
+        return device_slots(resolve_devices(self.devices), self.devices_per_job, self.jobs_per_device)
+
+    def pin(self) -> str | None:
+        """Take (or keep) this process's slot and expose only its devices; ``None`` on CPU."""
+        global _HELD
+        if _HELD is None:
+            slots = self.slots()
+            if not slots:
+                return None
+            _HELD = acquire_slot(slots, self.lock_dir, self.timeout)
+        devices = _HELD[0]
+        current = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if current != devices and _cuda_initialized():
+            raise RuntimeError(
+                f"PinDevice: CUDA was initialised in this process (CUDA_VISIBLE_DEVICES={current!r}) before the "
+                f"job could be pinned to device(s) {devices}; nothing may touch CUDA before the job starts"
+            )
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices
+        return devices
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if OmegaConf.select(config, "hydra.mode") is None or str(config.hydra.mode) != "RunMode.MULTIRUN":
+            return
+        devices = self.pin()
+        if devices is not None:
+            log.info("PinDevice: job %s (pid %d) runs on GPU(s) %s", config.hydra.job.num, os.getpid(), devices)
+
+
+def sweep_jobs(devices: Any = "auto", devices_per_job: int = 1, jobs_per_device: int = 1) -> int:
+    """Resolver for the launcher's ``n_jobs``: one job per slot (at least 1, for CPU machines)."""
+    if isinstance(devices, (DictConfig, ListConfig)):
+        devices = OmegaConf.to_container(devices)
+    return max(1, len(device_slots(resolve_devices(devices), int(devices_per_job), int(jobs_per_device))))
+
+
+# -- W&B ---------------------------------------------------------------------------------
+def wandb_mode() -> str:
+    """``WANDB_MODE`` when set; else ``online`` with ``WANDB_API_KEY``, ``offline`` without (no prompt)."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode:
+        return mode
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def sweep_group() -> str | None:
+    """W&B group of a run: the sweep directory's name in multirun (``table2-<time>`` for
+    ``experiment=table2``), ``None`` for a single run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    hc = HydraConfig.get()
+    if str(hc.mode) != "RunMode.MULTIRUN":
+        return None
+    path = Path(str(hc.sweep.dir))
+    parts = [p for p in path.parts[-2:] if p not in ("multirun", "/", ".")]
+    return "-".join(parts) or path.name
+
+
+def csv_logger(save_dir: str, name: str = "csv") -> Any:
+    from lightning.pytorch.loggers import CSVLogger
+
+    return CSVLogger(save_dir=save_dir, name=name)
+
+
+def wandb_logger(
+    save_dir: str,
+    project: str = "frep-lightning",
+    name: str | None = None,
+    group: str | None = None,
+    mode: str | None = None,
+    tags: Sequence[str] = (),
+    csv: bool = True,
+    **kwargs: Any,
+) -> Any:
+    """A ``WandbLogger`` (mode from :func:`wandb_mode` unless given), plus the CSV logger when
+    ``csv`` so that ``frep-report`` always finds ``metrics.csv`` in the run directory."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    wandb = WandbLogger(
+        save_dir=save_dir,
+        project=project,
+        name=name,
+        group=group,
+        mode=mode or wandb_mode(),
+        tags=list(tags),
+        **kwargs,
+    )
+    return [csv_logger(save_dir), wandb] if csv else wandb
+
+
+def auto_logger(save_dir: str, **wandb_kwargs: Any) -> Any:
+    """``logger=auto`` (default): W&B (+ CSV) when ``WANDB_API_KEY`` is set, else CSV only."""
+    if os.environ.get("WANDB_API_KEY"):
+        return wandb_logger(save_dir, **wandb_kwargs)
+    return csv_logger(save_dir)
+
+
+def _wandb_loggers(trainer: Any) -> list[Any]:
+    from lightning.pytorch.loggers import WandbLogger
+
+    return [lg for lg in getattr(trainer, "loggers", []) if isinstance(lg, WandbLogger)]
+
+
+def start_wandb(trainer: Any, cfg: DictConfig) -> None:
+    """Close a run left open by an earlier job of this process, then log the resolved config."""
+    loggers = _wandb_loggers(trainer)
+    if not loggers or not trainer.is_global_zero:
+        return
+    import wandb
+
+    if wandb.run is not None:
+        wandb.run.finish(exit_code=1)  # an earlier job died before finishing its run
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for lg in loggers:
+        lg.experiment.config.update({"config": resolved}, allow_val_change=True)
+
+
+def finish_wandb(trainer: Any, summary: dict[str, Any], run_dir: str | os.PathLike[str], close: bool = True) -> None:
+    """Put ``summary`` into the W&B run summary, upload ``summary.json`` and (``close``) end the run."""
+    loggers = _wandb_loggers(trainer)
+    if not loggers or not trainer.is_global_zero:
+        return
+    path = Path(run_dir) / "summary.json"
+    for lg in loggers:
+        run = lg.experiment
+        run.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))})
+        if path.is_file():
+            run.save(str(path), base_path=str(path.parent), policy="now")
+        if close:
+            run.finish()
+
+
+def register_resolvers() -> None:
+    OmegaConf.register_new_resolver("frep_sweep_jobs", sweep_jobs, replace=True)
+    OmegaConf.register_new_resolver("frep_wandb_mode", wandb_mode, replace=True)
+    OmegaConf.register_new_resolver("frep_sweep_group", sweep_group, replace=True)
+
+
+register_resolvers()

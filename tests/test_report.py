@@ -1,0 +1,256 @@
+"""frep-report on a fake sweep: paper-layout tables with the right numbers, the four figures as
+PNGs, and every missing run / file / figure listed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from frep_lightning.report import Run, collect, expected_jobs, main, read_metrics, write_report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(
+    path: Path,
+    overrides: list[str],
+    method: str,
+    sparsity: float | None,
+    summary: dict | None = None,
+    evaluation: dict | None = None,
+    model: bool = False,
+    metrics: str | None = None,
+) -> None:
+    """A run directory as frep-train / frep-eval leave it (only the files given)."""
+    (path / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(overrides), path / ".hydra" / "overrides.yaml")
+    pruning = None if sparsity is None else {"_target_": "frep_lightning.pruning.RobustPruning", "sparsity": sparsity}
+    config = {
+        "method": {"name": method},
+        "model": {"name": "resnet18"},
+        "data": {"name": "cifar10"},
+        "pruning": pruning,
+    }
+    OmegaConf.save(OmegaConf.create(config), path / "config.yaml")
+    base = {"method": method, "model": "resnet18", "dataset": "cifar10", "sparsity_target": sparsity or 0.0}
+    if summary is not None:
+        (path / "summary.json").write_text(json.dumps({**base, **summary}))
+    if evaluation is not None:
+        (path / "eval.json").write_text(json.dumps(evaluation))
+    if model:
+        g = torch.Generator().manual_seed(0)
+        conv = torch.randn(8, 3, 3, 3, generator=g)
+        conv.view(-1)[: int(0.9 * conv.numel())] = 0.0
+        state = {
+            "net.conv1.weight": conv,
+            "net.bn1.weight": torch.ones(8),
+            "net.fc.weight": torch.randn(10, 8, generator=g),
+        }
+        torch.save(state, path / "model.pt")
+    if metrics is not None:
+        (path / "csv" / "version_0").mkdir(parents=True)
+        (path / "csv" / "version_0" / "metrics.csv").write_text(metrics)
+
+
+METRICS = """epoch,step,ensemble/delta,train/loss_step,train/pgd_subset,val/acc,val/pgd10
+0,9,0.010,,,0.30,0.20
+0,9,,,0.25,,
+1,19,,1.5,,,
+1,19,0.020,,,0.40,0.30
+1,19,,,0.33,,
+2,29,0.005,,,0.45,0.35
+"""
+
+
+@pytest.fixture
+def fake_sweep(tmp_path: Path) -> tuple[Path, Path]:
+    """6 jobs asked (3 methods x 2 sparsities); 4 run dirs, one of them without results; plus a
+    separate single dense_at run."""
+    sweep = tmp_path / "multirun" / "table-x"
+    sweep.mkdir(parents=True)
+    multirun = {
+        "hydra": {
+            "sweeper": {"params": {"method": "frep,lwm,ori", "++pruning.sparsity": "0.9,0.99"}},
+            "overrides": {"task": ["data=cifar10"]},
+        }
+    }
+    OmegaConf.save(OmegaConf.create(multirun), sweep / "multirun.yaml")
+    job = lambda m, s: [f"method={m}", f"++pruning.sparsity={s}", "data=cifar10"]  # noqa: E731
+    write_run(
+        sweep / "0-frep",
+        job("frep", 0.9),
+        "frep",
+        0.9,
+        summary={"clean_acc": 0.81, "pgd_acc": 0.50, "pgd_steps": 10, "sparsity": 0.9, "train_seconds": 600.0},
+        evaluation={
+            "clean": 0.80,
+            "fgsm": 0.55,
+            "pgd50": 0.48,
+            "mim50": 0.485,
+            "square": 0.50,
+            "aa": 0.44,
+            "worst_case": 0.44,
+            "square_q100": 0.70,
+            "square_q1000": 0.55,
+            "sparsity": 0.9,
+            "eps": 8 / 255,
+            "n": 1000,
+            "seed": 0,
+            "layers": {"net.conv1": {"sparsity": 0.9}},
+            "warnings": ["gradient masking suspected: FGSM below PGD-50"],
+        },
+        model=True,
+        metrics=METRICS,
+    )
+    write_run(
+        sweep / "1-lwm",
+        job("lwm", 0.9),
+        "lwm",
+        0.9,
+        summary={"clean_acc": 0.78, "pgd_acc": 0.452, "pgd_steps": 10, "sparsity": 0.9, "train_seconds": 3000.0},
+        model=True,
+    )
+    write_run(
+        sweep / "2-frep",
+        job("frep", 0.99),
+        "frep",
+        0.99,
+        summary={"clean_acc": 0.79, "pgd_acc": 0.47, "pgd_steps": 10, "sparsity": 0.99, "train_seconds": 620.0},
+        evaluation={"clean": 0.79, "pgd50": 0.47, "aa": 0.411, "sparsity": 0.99},
+    )
+    for q, acc in ((100, 0.6), (1000, 0.5)):  # frep-eval attacks=[square] queries=q output=eval_square_q<q>.json
+        report = {"square": acc, "attack_settings": {"square": {"queries": q}}, "seconds": {"square": 99.0}}
+        (sweep / "2-frep" / f"eval_square_q{q}.json").write_text(json.dumps(report))
+    write_run(sweep / "3-lwm", job("lwm", 0.99), "lwm", 0.99)  # crashed: config but no results
+    single = tmp_path / "outputs" / "dense"
+    write_run(
+        single,
+        ["method=dense_at"],
+        "dense_at",
+        None,
+        summary={"clean_acc": 0.82, "pgd_acc": 0.52, "pgd_steps": 10, "sparsity": 0.0, "train_seconds": 3300.0},
+    )
+    return sweep, single
+
+
+def test_expected_jobs_follow_the_basic_sweeper(fake_sweep: tuple[Path, Path]) -> None:
+    sweep, _ = fake_sweep
+    jobs, varying = expected_jobs(sweep / "multirun.yaml")
+    assert len(jobs) == 6 and set(varying) == {"method", "pruning.sparsity"}
+    assert ["method=ori", "++pruning.sparsity=0.99", "data=cifar10"] in jobs
+
+
+def test_report_tables_figures_and_missing(fake_sweep: tuple[Path, Path], tmp_path: Path) -> None:
+    sweep, single = fake_sweep
+    out = tmp_path / "report"
+    report = write_report([sweep, single], out).read_text()
+
+    assert "### ResNet-18 / CIFAR-10" in report
+    header = (
+        "| Method | Target | Clean | FGSM | PGD-50 | MIM-50 | Square | AA | Worst case | PGD-10 | Sparsity | "
+        "Train (min) | Source |"
+    )
+    assert header in report
+    rows = [line for line in report.splitlines() if line.startswith("| ") and "Method" not in line]
+    assert rows == [
+        "| dense_at | 0% | 82.0 | – | – | – | – | – | – | 52.0 | 0.00 | 55.0 | summary.json |",
+        "| lwm | 90% | 78.0 | – | – | – | – | – | – | 45.2 | 90.00 | 50.0 | summary.json |",
+        "| frep | 90% | 80.0 | 55.0 | 48.0 | 48.5 | 50.0 | 44.0 | 44.0 | 50.0 | 90.00 | 10.0 | eval.json |",
+        "| frep | 99% | 79.0 | – | 47.0 | – | – | 41.1 | – | 47.0 | 99.00 | 10.3 | eval.json |",
+    ]
+    assert "gradient masking suspected" in report  # eval.json warnings are carried into the report
+
+    for name in (
+        "fig8_robust_vs_sparsity.png",
+        "fig7_weights_cifar10_resnet18_s0.9.png",
+        "fig5_training_cifar10_resnet18_s0.9.png",
+        "fig6_square_queries.png",
+    ):
+        assert (out / name).read_bytes()[:8] == PNG, name
+        assert f"]({name})" in report
+
+    missing = report.split("## Missing", 1)[1]
+    assert "`method=ori ++pruning.sparsity=0.9 data=cifar10`: no run directory (not started)" in missing
+    assert "`method=ori ++pruning.sparsity=0.99 data=cifar10`: no run directory (not started)" in missing
+    assert "`method=lwm ++pruning.sparsity=0.99 data=cifar10`: no summary.json in 3-lwm" in missing
+    assert f"{sweep / '2-frep'} (model.pt)" in missing  # no weights for Fig. 7
+    assert f"{single} (metrics.csv)" in missing  # no curve for Fig. 5
+    assert "Fig. 6" not in missing
+    assert "4 finished run(s), 1 without results, 3 expected sweep job(s) missing" in report
+
+    curves = {r.path.name: r.square_curve() for r in collect([sweep])[0]}
+    assert curves["0-frep"] == {100: 0.70, 1000: 0.55} and curves["2-frep"] == {100: 0.6, 1000: 0.5}
+
+    records = json.loads((out / "report.json").read_text())
+    assert {(r["label"], r["sparsity_target"]) for r in records} == {
+        ("dense_at", 0.0),
+        ("lwm", 0.9),
+        ("frep", 0.9),
+        ("frep", 0.99),
+    }
+
+
+def test_seeds_average_and_variants_label_rows(tmp_path: Path) -> None:
+    sweep = tmp_path / "sw"
+    sweep.mkdir()
+    params = {"objective": "sre,pgd", "seed": "0,1"}
+    OmegaConf.save(
+        OmegaConf.create({"hydra": {"sweeper": {"params": params}, "overrides": {"task": []}}}), sweep / "multirun.yaml"
+    )
+    for i, (obj, seed, pgd) in enumerate([("sre", 0, 0.40), ("sre", 1, 0.44), ("pgd", 0, 0.45), ("pgd", 1, 0.47)]):
+        write_run(
+            sweep / str(i),
+            [f"objective={obj}", f"seed={seed}"],
+            "frep",
+            0.9,
+            summary={"clean_acc": 0.8, "pgd_acc": pgd},
+        )
+    runs, _ = collect([sweep])
+    assert sorted({r.label for r in runs}) == ["frep objective=pgd", "frep objective=sre"]
+    report = write_report([sweep], tmp_path / "out").read_text()
+    assert "| frep objective=pgd | 90% | 80.0 ± 0.0 (n=2) | 46.0 ± 1.4 (n=2) |" in report
+    assert "| frep objective=sre | 90% | 80.0 ± 0.0 (n=2) | 42.0 ± 2.8 (n=2) |" in report
+    assert "Nothing missing" not in report  # no model.pt / metrics.csv / Square curve: listed
+    assert "Fig. 6 (Square accuracy vs queries)" in report
+
+
+def test_read_metrics_per_epoch(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.csv"
+    path.write_text(METRICS)
+    series = read_metrics(path)
+    assert series["ensemble/delta"] == [(0.0, 0.010), (1.0, 0.020), (2.0, 0.005)]
+    assert series["train/pgd_subset"] == [(0.0, 0.25), (1.0, 0.33)]
+
+
+def test_run_accuracies_prefer_eval_json(tmp_path: Path) -> None:
+    write_run(
+        tmp_path / "r",
+        [],
+        "frep",
+        0.9,
+        summary={"clean_acc": 0.7, "pgd_acc": 0.4, "pgd_steps": 20, "pgd50_acc": 0.39, "worst_case_acc": 0.37},
+        evaluation={"clean": 0.71, "robust": {"aa": 0.38}},
+    )
+    run = collect([tmp_path / "r"])[0][0]
+    assert isinstance(run, Run) and run.accuracies() == {
+        "clean": 0.71,
+        "pgd20": 0.4,
+        "pgd50": 0.39,
+        "worst_case": 0.37,
+        "aa": 0.38,
+    }
+
+
+def test_cli(fake_sweep: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sweep, _ = fake_sweep
+    assert main([str(sweep)]) == 0
+    assert (sweep / "report.md").is_file()  # one directory: the report goes beside its runs
+    assert "wrote" in capsys.readouterr().out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([str(empty), "-o", str(tmp_path / "o")]) == 2
+    assert "no run directory" in capsys.readouterr().err

@@ -1,0 +1,313 @@
+"""Sweeps: every paper-table experiment is a multirun grid of the right size whose jobs compose;
+the joblib launcher pins each job process to its own GPU; W&B never prompts and groups by sweep."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from frep_lightning import sweep
+from frep_lightning.config import enabled, validate_train_config
+from frep_lightning.train import config_dir
+
+CONF = Path(config_dir())
+
+# experiment -> (number of jobs, swept keys)
+TABLES = {
+    "table1": (18, {"data", "model", "method"}),
+    "table2": (10, {"model", "method"}),
+    "table3": (8, {"data", "model", "method"}),
+    "table4": (18, {"data", "++pruning.sparsity", "method"}),
+    "table4_structured": (18, {"data", "++pruning.sparsity", "method"}),
+    "table5": (4, {"method"}),
+    "table6": (20, {"++pruning.sparsity", "method"}),
+    "table7": (20, {"data", "ensemble", "objective"}),
+    "table8": (9, {"++pruning.sparsity", "method.reparam_init"}),
+}
+
+
+def cfg_for(*overrides: str, hydra: bool = False) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def sweep_jobs(params: dict[str, str], extra: list[str] = ()) -> list[list[str]]:
+    """The job override lists Hydra's basic sweeper makes from ``hydra.sweeper.params``."""
+    overrides = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()] + list(extra))
+    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+def test_every_table_has_an_experiment() -> None:
+    tables = {p.stem for p in (CONF / "experiment").glob("table*.yaml")}
+    assert tables == set(TABLES)
+    assert {f"table{i}" for i in range(1, 9)} <= tables
+
+
+@pytest.mark.parametrize("table", sorted(TABLES))
+def test_table_sweep_grid_size_and_jobs_compose(table: str) -> None:
+    cfg = cfg_for(f"experiment={table}", hydra=True)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params)
+    size, keys = TABLES[table]
+    assert set(params) == keys
+    jobs = sweep_jobs(params)
+    assert len(jobs) == size
+    assert len({frozenset(j) for j in jobs}) == size
+    assert str(cfg.hydra.sweep.dir).startswith(f"multirun/{table}-")
+    # every value of every swept key composes and validates (diagonal: job i takes value i of each key)
+    values = {k: v.split(",") for k, v in params.items()}
+    for i in range(max(len(v) for v in values.values())):
+        job = [f"{k}={v[i % len(v)]}" for k, v in values.items()]
+        job_cfg = cfg_for(f"experiment={table}", *job)
+        validate_train_config(job_cfg)
+        assert job_cfg.trainer.max_epochs == 100 and job_cfg.optim.milestones == [70, 85]  # the paper's recipe
+        given = {k.lstrip("+"): v for k, v in (o.split("=", 1) for o in job)}
+        if "method" in given:
+            assert job_cfg.method.name == given["method"]
+        if "pruning.sparsity" in given and enabled(job_cfg.pruning):
+            assert job_cfg.pruning.sparsity == float(given["pruning.sparsity"])
+
+
+def test_table_specific_settings() -> None:
+    t3 = cfg_for("experiment=table3", "method=lwm")
+    assert (
+        t3.pruning.mode == "structured"
+        and t3.pruning.sparsity == 0.7
+        and t3.pruning._target_.endswith("GradualPruning")
+    )
+    t7 = cfg_for("experiment=table7", "objective=mart", "ensemble=none")
+    assert t7.method.objective._target_.endswith("MART") and not enabled(t7.ensemble)
+    assert t7.method.reparam_kind == "hadamard" and t7.pruning.sparsity == 0.9
+    t8 = cfg_for("experiment=table8", "method.reparam_init=ones", "++pruning.sparsity=0.0")
+    assert t8.method.reparam_init == "ones" and t8.pruning.sparsity == 0.0
+    t1 = cfg_for("experiment=table1", "method=dense_at")
+    assert not enabled(t1.pruning) and t1.eval.attacks == ["clean", "fgsm", "pgd50", "mim50", "square", "aa"]
+
+
+def test_command_line_narrows_a_table_sweep() -> None:
+    """CLI overrides replace the table's values of the same key (as in the README's reduced runs)."""
+    cfg = cfg_for("experiment=table4", hydra=True)
+    jobs = sweep_jobs(OmegaConf.to_container(cfg.hydra.sweeper.params), ["method=dense_at", "++pruning.sparsity=0"])
+    assert len(jobs) == 2  # 2 datasets
+    for job in jobs:
+        job_cfg = cfg_for("experiment=table4", *job)
+        assert job_cfg.method.name == "dense_at" and not enabled(job_cfg.pruning)
+
+
+# -- launchers ---------------------------------------------------------------------------------
+def launcher_cfg(*overrides: str) -> DictConfig:
+    return cfg_for("hydra/launcher=gpus", *overrides, hydra=True).hydra
+
+
+def test_joblib_launcher_one_job_per_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    hc = launcher_cfg()
+    assert hc.launcher._target_ == "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+    assert hc.launcher.n_jobs == 3
+    assert launcher_cfg("hydra.callbacks.pin_device.devices=[4,6]").launcher.n_jobs == 2
+    assert launcher_cfg("hydra.callbacks.pin_device.jobs_per_device=2").launcher.n_jobs == 6  # asked to share
+    assert launcher_cfg("hydra.callbacks.pin_device.devices_per_job=2").launcher.n_jobs == 1  # 3 GPUs: one pair
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert launcher_cfg().launcher.n_jobs == 1  # no GPU: one job at a time
+    launcher = instantiate(hc.launcher)
+    assert launcher.joblib["n_jobs"] == 1
+    pin = instantiate(hc.callbacks.pin_device)
+    assert isinstance(pin, sweep.PinDevice) and pin.jobs_per_device == 1
+
+
+def test_submitit_launcher_config_instantiates() -> None:
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    hc = cfg_for("hydra/launcher=slurm", hydra=True).hydra
+    launcher = instantiate(hc.launcher)
+    assert type(launcher).__name__ == "SlurmLauncher" and hc.launcher.gpus_per_node == 1
+    assert "pin_device" not in (hc.get("callbacks") or {})
+
+
+@pytest.fixture
+def fresh_pin(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Forget this process's slot and restore CUDA_VISIBLE_DEVICES afterwards."""
+    monkeypatch.setattr(sweep, "_HELD", None)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    yield
+    held = sweep._HELD
+    if held is not None:
+        os.close(held[1])
+
+
+def test_device_slots_are_exclusive(tmp_path: Path) -> None:
+    slots = sweep.device_slots(["0", "1"])
+    first, fd1 = sweep.acquire_slot(slots, tmp_path)
+    second, fd2 = sweep.acquire_slot(slots, tmp_path)
+    assert {first, second} == {"0", "1"}
+    with pytest.raises(TimeoutError, match="no free device slot"):
+        sweep.acquire_slot(slots, tmp_path, timeout=0.2)
+    os.close(fd1)  # a job process ending frees its GPU
+    again, fd3 = sweep.acquire_slot(slots, tmp_path)
+    assert again == first
+    for fd in (fd2, fd3):
+        os.close(fd)
+    assert sweep.device_slots(["0", "1", "2"], devices_per_job=2) == ["0,1"]
+    assert sweep.device_slots(["0"], jobs_per_device=2) == ["0", "0"]
+    with pytest.raises(ValueError, match="jobs_per_device"):
+        sweep.device_slots(["0"], jobs_per_device=0)
+
+
+def test_pin_device_sets_cuda_visible_devices_once_per_process(tmp_path: Path, fresh_pin: None) -> None:
+    pin = sweep.PinDevice(devices=["3", "5"], lock_dir=str(tmp_path), timeout=1)
+    run_cfg = OmegaConf.create({"hydra": {"mode": "RunMode.RUN", "job": {"num": 0}}})
+    pin.on_job_start(run_cfg)
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ  # single runs are left alone
+    multi = OmegaConf.create({"hydra": {"mode": "RunMode.MULTIRUN", "job": {"num": 0}}})
+    pin.on_job_start(multi)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    pin.on_job_start(multi)  # the next job of this worker process keeps the same GPU
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
+    other, fd = sweep.acquire_slot(pin.slots(), tmp_path)  # another process gets the other GPU
+    assert other == "5"
+    os.close(fd)
+
+
+def test_pin_device_refuses_after_cuda_init(tmp_path: Path, fresh_pin: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sweep, "_cuda_initialized", lambda: True)
+    with pytest.raises(RuntimeError, match="CUDA was initialised"):
+        sweep.PinDevice(devices=["1"], lock_dir=str(tmp_path)).pin()
+
+
+def test_pin_device_is_a_no_op_without_gpus(tmp_path: Path, fresh_pin: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert sweep.PinDevice(lock_dir=str(tmp_path)).pin() is None and sweep._HELD is None
+
+
+APP = """
+import json, os, sys, time
+from pathlib import Path
+import hydra
+from hydra.core.hydra_config import HydraConfig
+
+import frep_lightning.sweep  # noqa: F401  (the launcher file's resolvers and PinDevice callback)
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg):
+    start = time.time()
+    time.sleep(0.4)
+    record = {"device": os.environ.get("CUDA_VISIBLE_DEVICES"), "pid": os.getpid(), "start": start, "end": time.time()}
+    Path(cfg.out, f"{HydraConfig.get().job.num}.json").write_text(json.dumps(record))
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_joblib_sweep_never_shares_a_gpu(tmp_path: Path) -> None:
+    """A real joblib multirun with our launcher file: 4 jobs, 2 (fake) GPUs, 2 workers."""
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    (tmp_path / "conf" / "hydra" / "launcher").mkdir(parents=True)
+    shutil.copy(CONF / "hydra" / "launcher" / "gpus.yaml", tmp_path / "conf" / "hydra" / "launcher")
+    (tmp_path / "conf" / "config.yaml").write_text(
+        textwrap.dedent(
+            f"""
+            defaults:
+              - override hydra/launcher: gpus
+              - _self_
+            x: 0
+            out: {tmp_path / "out"}
+            hydra:
+              sweep:
+                dir: {tmp_path / "sweep"}
+                subdir: ${{hydra.job.num}}
+            """
+        )
+    )
+    (tmp_path / "app.py").write_text(APP)
+    (tmp_path / "out").mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    cmd = [
+        sys.executable,
+        str(tmp_path / "app.py"),
+        "-m",
+        "x=1,2,3,4",
+        "hydra.callbacks.pin_device.devices=[gpuA,gpuB]",
+        f"hydra.callbacks.pin_device.lock_dir={tmp_path / 'locks'}",
+    ]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "out").glob("*.json"))]
+    assert len(records) == 4
+    assert {r["device"] for r in records} <= {"gpuA", "gpuB"}
+    for a, b in itertools.combinations(records, 2):
+        if a["start"] < b["end"] and b["start"] < a["end"]:  # ran at the same time
+            assert a["device"] != b["device"], (a, b)
+    per_pid: dict[int, set[str]] = {}
+    for r in records:
+        per_pid.setdefault(r["pid"], set()).add(r["device"])
+    assert all(len(devices) == 1 for devices in per_pid.values())  # a worker keeps its GPU
+
+
+# -- W&B -------------------------------------------------------------------------------------
+def test_wandb_mode_never_prompts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert sweep.wandb_mode() == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert sweep.wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert sweep.wandb_mode() == "disabled"
+
+
+def test_default_logger_is_wandb_only_with_an_api_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+    cfg = cfg_for()
+    assert cfg.logger._target_ == "frep_lightning.sweep.auto_logger"
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert isinstance(instantiate(cfg.logger, save_dir=str(tmp_path)), CSVLogger)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    loggers = instantiate(cfg.logger, save_dir=str(tmp_path))
+    assert [type(lg) for lg in loggers] == [CSVLogger, WandbLogger]  # metrics.csv kept for frep-report
+    assert loggers[1]._wandb_init["mode"] == "offline" and loggers[1]._wandb_init["group"] is None
+
+
+def test_sweep_group_is_the_sweep_dir_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    assert sweep.sweep_group() is None  # no Hydra run
+    fake = SimpleNamespace(mode="RunMode.MULTIRUN", sweep=SimpleNamespace(dir="multirun/table2-2026-01-02_03-04-05"))
+    monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: fake))
+    assert sweep.sweep_group() == "table2-2026-01-02_03-04-05"
+    fake.sweep.dir = "/runs/2026-01-02/12-00-00"
+    assert sweep.sweep_group() == "2026-01-02-12-00-00"
+    fake.mode = "RunMode.RUN"
+    assert sweep.sweep_group() is None
+
+
+def test_wandb_offline_run_gets_resolved_config_and_summary(tmp_path: Path) -> None:
+    loggers = sweep.wandb_logger(str(tmp_path), project="test", name="run", group="table2-x", mode="offline")
+    trainer = SimpleNamespace(loggers=loggers, is_global_zero=True)
+    cfg = OmegaConf.create({"method": {"name": "frep"}, "run_name": "${method.name}-r18"})
+    sweep.start_wandb(trainer, cfg)
+    run = loggers[1].experiment
+    assert run.config["config"] == {"method": {"name": "frep"}, "run_name": "frep-r18"}
+    assert run.group == "table2-x"
+    (tmp_path / "summary.json").write_text(json.dumps({"clean_acc": 0.5}))
+    sweep.finish_wandb(trainer, {"clean_acc": 0.5, "method": "frep", "layers": [1]}, tmp_path, close=False)
+    assert run.summary["clean_acc"] == 0.5 and run.summary["method"] == "frep"
+    run.finish()
+    saved = list(tmp_path.glob("wandb/offline-run-*/files/summary.json"))
+    assert len(saved) == 1 and json.loads(saved[0].read_text()) == {"clean_acc": 0.5}
