@@ -8,6 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# Tiny models on a 2-core CI machine: one intra-op thread is several times faster than two
+# (thread hand-off dominates), and immune to an oversubscribed CPU.
+torch.set_num_threads(1)
+
 REPO = Path(__file__).resolve().parents[1]
 PACK_ROOT = REPO.parent / "shared" / "data"
 

@@ -184,3 +184,22 @@ def test_product_average_is_ema_of_merged_weight(kind: str) -> None:
 def test_average_mode_is_validated() -> None:
     with pytest.raises(ValueError, match="ensemble.average"):
         TemporalEnsemble(average="weights")
+
+
+class Climb3(Climb):
+    """Climb with three steps per epoch."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.zeros(3, 1)), batch_size=1)
+
+
+def test_update_due_at_the_last_step_before_an_lr_drop_happens(tmp_path) -> None:
+    # 3 steps per epoch, LR drop at epoch 2 (Lightning steps the scheduler after step 6, before the
+    # batch-end hooks); f_e = 3 until then, 30 after. The update due at t=6 uses f_e = 3: it happens.
+    module = Climb3()
+    ens = TemporalEnsemble(tau0=0.9, c=1.0, every_n_steps=3, interval_factor=10)
+    fit(module, [ens], epochs=3, tmp_path=tmp_path)
+    assert module.history == pytest.approx([1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 6.1, 6.2, 6.3])
+    assert ens.interval == 30
+    assert ens.n_updates == 2  # t=3 (copy: 3.0) and t=6 (tau=1/2)
+    assert float(module.w.detach()) == pytest.approx(0.5 * 3.0 + 0.5 * 6.0, abs=1e-6)

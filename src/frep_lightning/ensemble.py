@@ -37,6 +37,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
@@ -121,6 +122,7 @@ class TemporalEnsemble(WeightAveraging):
         self.last_tau: float | None = None
         self._bn_fresh = True  # ensemble BN stats match its weights
         self._swapped = False
+        self._delta: list[Any] = [0.0, 0]  # (sum, count) of Eq. 14 over this validation epoch
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Let pruning callbacks add their masks first, whatever the callback order, so that the
@@ -131,7 +133,26 @@ class TemporalEnsemble(WeightAveraging):
             for cb in trainer.callbacks:  # type: ignore[attr-defined]
                 if isinstance(cb, RobustPruning):
                     cb.setup(trainer, pl_module, stage)
+            if (
+                self.bn == "recompute"
+                and _bn_layers(pl_module)
+                and not is_overridden("forward", pl_module, pl.LightningModule)
+            ):
+                raise ValueError(
+                    f"TemporalEnsemble(bn='recompute') re-estimates the ensemble's BatchNorm statistics by calling "
+                    f"the LightningModule on images: define forward(x) in {type(pl_module).__name__}, or use "
+                    "ensemble.bn=copy"
+                )
         super().setup(trainer, pl_module, stage)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The interval follows one learning rate: several optimizers are ambiguous, fail now."""
+        if len(trainer.optimizers) > 1:
+            raise ValueError(
+                f"TemporalEnsemble reads learning-rate drops from one optimizer; {type(pl_module).__name__} "
+                f"configures {len(trainer.optimizers)}. Use one optimizer (parameter groups for different settings)"
+            )
+        super().on_fit_start(trainer, pl_module)
 
     # -- schedule -----------------------------------------------------------------------
     @property
@@ -199,14 +220,16 @@ class TemporalEnsemble(WeightAveraging):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.optimizers:
-            self.observe_lr(float(trainer.optimizers[0].param_groups[0]["lr"]))
+        # The update due at this step uses the interval in force during the step: Lightning steps an
+        # epoch scheduler before this hook on the epoch's last batch, so the LR is read afterwards.
         step_idx = trainer.global_step - 1
         if trainer.global_step > self._latest_update_step and self.should_update(step_idx=step_idx):
             tau = self.update(pl_module)
             self._latest_update_step = trainer.global_step
             pl_module.log("ensemble/tau", tau, on_step=True, on_epoch=False)
             pl_module.log("ensemble/interval", float(self.interval), on_step=True, on_epoch=False)
+        if trainer.optimizers:
+            self.observe_lr(float(trainer.optimizers[0].param_groups[0]["lr"]))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Epoch-end updates are not part of the method (updates are step-based)."""
@@ -253,8 +276,29 @@ class TemporalEnsemble(WeightAveraging):
             self.recompute_bn(trainer)
             self._swap_models(pl_module)
             self._swapped = True
+            self._delta = [torch.zeros((), device=pl_module.device), 0]
+
+    def on_validation_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int, *args: Any
+    ) -> None:
+        """Eq. 14 (Fig. 5b): squared L2 distance between the softmax outputs of the ensemble (in
+        ``pl_module`` while swapped) and the live model (in the averaged copy meanwhile); two extra
+        forward passes per validation batch, logged per epoch as ``ensemble/delta``."""
+        if not self._swapped or self._average_model is None:
+            return
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        live = self._average_model.module
+        was_training = live.training
+        live.eval()
+        with torch.no_grad():
+            d = (pl_module(x).softmax(dim=1) - live(x).softmax(dim=1)).pow(2).sum(dim=1)
+        live.train(was_training)
+        self._delta[0] += d.sum()
+        self._delta[1] += d.numel()
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._swapped and self._delta[1]:
+            pl_module.log("ensemble/delta", self._delta[0] / self._delta[1], on_epoch=True, sync_dist=True)
         if self._swapped:
             self._swap_models(pl_module)
             self._swapped = False

@@ -89,10 +89,11 @@ class FReP(pl.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
-        self.log("val/acc", accuracy(self.model(x), y), on_epoch=True, prog_bar=True)
+        self.log("val/acc", accuracy(self.model(x), y), on_epoch=True, prog_bar=True, sync_dist=True)
         if self.val_attack is not None:
             x_adv = self.val_attack.perturb(self.model, x, cross_entropy_loss(y))
-            self.log(f"val/pgd{self.val_attack.steps}", accuracy(self.model(x_adv), y), on_epoch=True, prog_bar=True)
+            acc = accuracy(self.model(x_adv), y)
+            self.log(f"val/pgd{self.val_attack.steps}", acc, on_epoch=True, prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

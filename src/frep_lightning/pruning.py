@@ -108,6 +108,24 @@ def apply_masks_(model: nn.Module, masks: dict[str, Tensor], optimizers: Sequenc
                         value.mul_(fmask)
 
 
+# Optimizers whose state is not per weight (L-BFGS: flattened history vectors).
+UNMASKABLE_OPTIMIZERS: tuple[type[torch.optim.Optimizer], ...] = (torch.optim.LBFGS,)
+
+
+def check_maskable_state(optimizers: Sequence[torch.optim.Optimizer]) -> None:
+    """Every per-parameter optimizer state tensor must be a scalar or have its parameter's shape,
+    or :func:`apply_masks_` could not zero the pruned entries' state (momentum would revive them)."""
+    for opt in optimizers:
+        for param, state in opt.state.items():
+            for key, value in state.items():
+                if isinstance(value, Tensor) and value.numel() > 1 and value.shape != param.shape:
+                    raise ValueError(
+                        f"RobustPruning: {type(opt).__name__} state {key!r} has shape {tuple(value.shape)} for a "
+                        f"parameter of shape {tuple(param.shape)}; it cannot be masked, so pruned weights would not "
+                        "stay zero. Use an optimizer with per-weight state (SGD, Adam, AdamW, ...)"
+                    )
+
+
 def sparsity_report(model_or_state: nn.Module | dict[str, Tensor]) -> dict[str, Any]:
     """Exact-zero fraction of every Conv2d/Linear weight and globally (merged view)."""
     if isinstance(model_or_state, nn.Module):
@@ -189,17 +207,30 @@ class RobustPruning(Callback):
                 f"pruning.epoch={self.epoch} must be < trainer.max_epochs={trainer.max_epochs} "
                 "(pruning would never run)"
             )
-        add_masks_(pl_module, self.include, self.exclude)
         selected = {n for n, _ in select_layers(pl_module, self.include, self.exclude)}
+        if not selected:
+            raise ValueError(
+                f"RobustPruning: {type(pl_module).__name__} has no Conv2d/Linear layer to prune matching "
+                f"pruning.include={list(self.include)} / pruning.exclude={list(self.exclude)}"
+            )
+        add_masks_(pl_module, self.include, self.exclude)
         self.selected_layers = [n for n, _, _ in iter_masked(pl_module) if n in selected]
-        if not self.selected_layers:
-            raise ValueError("RobustPruning: no Conv2d/Linear layer matches pruning.include/exclude")
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Optimizers whose state cannot be masked fail now, not at the pruning epoch."""
+        for opt in trainer.optimizers:
+            if isinstance(opt, UNMASKABLE_OPTIMIZERS):
+                raise ValueError(
+                    f"RobustPruning: {type(opt).__name__} keeps state that cannot be masked per weight, so pruned "
+                    "weights would not stay zero; use an optimizer with per-weight state (SGD, Adam, AdamW, ...)"
+                )
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.pruned and trainer.current_epoch >= self.epoch:
             self.prune(trainer, pl_module)
 
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        check_maskable_state(trainer.optimizers)
         masks = compute_masks(pl_module, self.sparsity, self.mode, self.selected_layers)
         # Ranks hold identical weights under DDP; broadcasting makes identical masks a guarantee.
         masks = trainer.strategy.broadcast(masks, src=0)

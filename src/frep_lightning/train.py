@@ -7,9 +7,11 @@ Everything is instantiated from the Hydra config (``conf/``); the run directory 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,30 +21,40 @@ import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from frep_lightning import __version__
 from frep_lightning.attacks import PGD, parse_eps
-from frep_lightning.config import enabled, num_classes, validate_train_config
-from frep_lightning.evaluate import evaluate
-from frep_lightning.export import MergeReparameterization, write_json
+from frep_lightning.checkpointing import AtomicCheckpointIO, LastCheckpoint, RNGState
+from frep_lightning.config import config_dir, enabled, num_classes, validate_train_config
+from frep_lightning.evaluate import config_attacks, evaluate
+from frep_lightning.export import MergeReparameterization, load_state_dict_file, write_json
+from frep_lightning.fast import FastFReP, iter_fast_options
 from frep_lightning.module import FReP
 from frep_lightning.monitor import RobustnessMonitor
 from frep_lightning.pruning import RobustPruning, sparsity_report
+from frep_lightning.reparam import merge_
+from frep_lightning.sweep import finish_wandb, start_wandb
 
 log = logging.getLogger("frep_lightning")
 
 OmegaConf.register_new_resolver("frep_num_classes", num_classes, replace=True)
 
 
-def config_dir() -> str:
-    """``conf/`` of a source checkout / editable install, or the copy packaged in a wheel."""
-    packaged = Path(__file__).resolve().parent / "conf"
-    return str(packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "conf")
+# DDP: the extra ranks are this script re-executed by Lightning; they write into rank 0's run dir
+RUN_DIR_ENV = "FREP_RUN_DIR"
+CHILD_ARGV_ENV = "FREP_DDP_CHILD_ARGV"
+
+
+def _is_ddp_child() -> bool:
+    return int(os.environ.get("LOCAL_RANK", "0") or 0) > 0 and RUN_DIR_ENV in os.environ
 
 
 def _run_dir(cfg: DictConfig) -> Path:
+    if _is_ddp_child():
+        return Path(os.environ[RUN_DIR_ENV])
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
     return Path(cfg.get("run_dir") or Path.cwd() / "outputs" / time.strftime("%Y-%m-%d_%H-%M-%S"))
@@ -50,7 +62,11 @@ def _run_dir(cfg: DictConfig) -> Path:
 
 def build_module(cfg: DictConfig) -> FReP:
     m = cfg.method
-    return FReP(
+    fast = OmegaConf.select(cfg, "fast")
+    module_cls, fast_kwargs = FReP, {}
+    if fast is not None and fast.get("enabled", False):  # the captured step (frep_lightning.fast)
+        module_cls, fast_kwargs = FastFReP, dict(iter_fast_options(fast))
+    module = module_cls(
         model=instantiate(cfg.model),
         objective=instantiate(m.objective),
         attack=instantiate(m.attack),
@@ -58,8 +74,12 @@ def build_module(cfg: DictConfig) -> FReP:
         reparam_init=m.reparam_init,
         val_attack_steps=cfg.val_attack_steps,
         seed=cfg.seed,
+        **fast_kwargs,
         **OmegaConf.to_container(cfg.optim, resolve=True),  # type: ignore[arg-type]
     )
+    if m.get("fuse_at_init", False):  # Sparse-Init: W1*W2 drawn as FReP's, trained as plain weights
+        merge_(module.model)
+    return module
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> tuple[list[Callback], MergeReparameterization]:
@@ -72,7 +92,9 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> tuple[list[Callback], Mer
         callbacks.append(RobustnessMonitor(**OmegaConf.to_container(cfg.monitor, resolve=True)))  # type: ignore[arg-type]
     export = MergeReparameterization(dirpath=str(run_dir), filename="model.pt", attr="model")
     callbacks.append(export)
-    callbacks.append(ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0))
+    callbacks.append(RNGState())
+    every = OmegaConf.select(cfg, "checkpoint.every_n_train_steps")
+    callbacks.append(LastCheckpoint(run_dir / "checkpoints", every_n_train_steps=every))
     return callbacks, export
 
 
@@ -85,9 +107,12 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one configuration and return its summary (also written to ``summary.json``)."""
-    validate_train_config(cfg)
+    validate_train_config(cfg, check_data=True)
+    config_attacks(cfg.eval, cfg.seed)  # a bad eval.attacks fails now, not after training
     run_dir = _run_dir(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if rank_zero_only.rank == 0:  # DDP ranks > 0 (re-executed script) reuse rank 0's directory
+        run_dir.mkdir(parents=True, exist_ok=True)
+        os.environ[RUN_DIR_ENV] = str(run_dir)
     pl.seed_everything(cfg.seed, workers=True)
 
     datamodule = instantiate(cfg.data)
@@ -95,12 +120,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     module = build_module(cfg)
     callbacks, export = build_callbacks(cfg, run_dir)
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, callbacks=callbacks, logger=build_logger(cfg, run_dir), default_root_dir=str(run_dir)
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=build_logger(cfg, run_dir),
+        default_root_dir=str(run_dir),
+        plugins=[AtomicCheckpointIO()],
     )
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    if trainer.is_global_zero:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    start_wandb(trainer, cfg)  # resolved config to W&B (no-op without logger=wandb)
 
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit(trainer, module, datamodule, cfg, run_dir)
     train_seconds = time.perf_counter() - start
     if export.path is None:
         raise RuntimeError("training ended before the merged model was exported (interrupted?)")
@@ -109,7 +140,25 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         write_json(summary, run_dir / "summary.json")
         log.info("summary: %s", {k: summary[k] for k in ("sparsity", "clean_acc", "pgd_acc", "train_seconds")})
+    finish_wandb(trainer, summary, run_dir)  # summary + summary.json to W&B, run closed
     return summary
+
+
+def fit(trainer: pl.Trainer, module: pl.LightningModule, datamodule: Any, cfg: DictConfig, run_dir: Path) -> None:
+    """``trainer.fit`` (resuming from ``ckpt_path``, loaded weights-only), with failures that say what to do."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    except torch.cuda.OutOfMemoryError as err:
+        bs, ebs = OmegaConf.select(cfg, "data.batch_size"), OmegaConf.select(cfg, "data.eval_batch_size")
+        raise torch.cuda.OutOfMemoryError(
+            f"out of GPU memory with data.batch_size={bs} (validation: data.eval_batch_size={ebs}); lower "
+            f"data.batch_size (e.g. data.batch_size={max(1, bs // 2)}) and resume with ckpt_path={last} "
+            f"if it exists. Original error: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+        ) from err
+    except FloatingPointError as err:
+        kept = f"the last good checkpoint is kept: {last}" if last.is_file() else "no checkpoint was written yet"
+        raise FloatingPointError(f"training stopped: {err}\n{kept}") from err
 
 
 def summarize(
@@ -118,19 +167,22 @@ def summarize(
     """Evaluate the exported file itself, loaded into a fresh, unmodified backbone."""
     assert export.path is not None
     model = instantiate(cfg.model)
-    model.load_state_dict(torch.load(export.path, map_location="cpu", weights_only=True), strict=True)
+    model.load_state_dict(load_state_dict_file(export.path), strict=True)
     device = trainer.strategy.root_device
     eps = parse_eps(cfg.eval.eps, "eval.eps")
     steps = int(cfg.eval.pgd_steps)
     attack = PGD(eps=eps, steps=steps, step_size=cfg.eval.step_size)
     start = time.perf_counter()
-    result = evaluate(model, datamodule.test_dataloader(), {f"pgd{steps}": attack}, device=device)
+    extra = config_attacks(cfg.eval, cfg.seed)  # eval.attacks, e.g. [pgd50,aa]
+    attacks = {f"pgd{steps}": attack, **extra}
+    result = evaluate(model, datamodule.test_dataloader(), attacks, device=device, seed=cfg.seed)
     eval_seconds = time.perf_counter() - start
     state = model.state_dict()
     report = sparsity_report({k: state[k] for k in _prunable_keys(trainer, export)})
     pruning = cfg.get("pruning") if enabled(cfg.get("pruning")) else None
     return {
         "method": cfg.method.name,
+        "objective": type(getattr(trainer.lightning_module, "objective", None)).__name__,
         "model": cfg.model.name,
         "width": cfg.model.get("width"),
         "dataset": cfg.data.name,
@@ -141,6 +193,8 @@ def summarize(
         "channels": sum(v["channels"] for v in report["layers"].values()),
         "clean_acc": result["clean"],
         "pgd_acc": result[f"pgd{steps}"],
+        **{f"{name}_acc": result[name] for name in extra},
+        "worst_case_acc": result["worst_case"],  # per example, over every attack above
         "pgd_steps": steps,
         "pgd_step_size": attack.step_size,
         "eps": eps,
@@ -148,6 +202,7 @@ def summarize(
         "epochs": trainer.current_epoch,
         "global_steps": trainer.global_step,
         "train_seconds": round(train_seconds, 2),
+        "peak_memory_gb": _peak_memory_gb(device),
         "eval_seconds": round(eval_seconds, 2),
         "device": _device_name(device),
         "seed": cfg.seed,
@@ -176,15 +231,63 @@ def _collapsed_epochs(trainer: pl.Trainer) -> list[int] | None:
     return None
 
 
+def _peak_memory_gb(device: torch.device) -> float | None:
+    """Peak GPU memory allocated by tensors during this process (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{device.type} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+_HYDRA_FLAGS = ("--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd")
+
+
+def _hydra_flags(argv: list[str]) -> list[str]:
+    """The config-location flags of a command line (with their values), to pass on to DDP children."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in _HYDRA_FLAGS and i + 1 < len(argv):
+            out += argv[i : i + 2]
+            i += 1
+        elif argv[i].startswith(tuple(f"{f}=" for f in _HYDRA_FLAGS)):
+            out.append(argv[i])
+        i += 1
+    return out
+
+
+def pin_ddp_child_argv() -> None:
+    """Make a DDP child (this script re-executed by Lightning, LOCAL_RANK > 0) run its parent's job.
+
+    Lightning re-runs the parent's command line plus ``hydra.run.dir=<hydra.run.dir>``: under
+    ``-m`` every child would start the whole sweep, and ``hydra.run.dir`` is not a sweep job's
+    output directory. The child instead gets the parent job's own overrides and its run dir
+    (which rank 0 already created), and writes no ``.hydra/`` of its own.
+    """
+    if not _is_ddp_child() or CHILD_ARGV_ENV not in os.environ:
+        return
+    rank = os.environ["LOCAL_RANK"]
+    sys.argv = [sys.argv[0], *json.loads(os.environ[CHILD_ARGV_ENV]), f"hydra.job.name=train_ddp_process_{rank}"]
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
-def main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> None:
+    if not _is_ddp_child():
+        run_dir = HydraConfig.get().runtime.output_dir
+        child = [*_hydra_flags(sys.argv[1:]), *HydraConfig.get().overrides.task]
+        child += [f'hydra.run.dir="{run_dir}"', "hydra.output_subdir=null"]
+        os.environ[CHILD_ARGV_ENV] = json.dumps(child)
     run(cfg)
+
+
+def main() -> None:
+    """``frep-train``: the Hydra app (DDP children are pinned to their parent's job first)."""
+    pin_ddp_child_argv()
+    _hydra_main()
 
 
 if __name__ == "__main__":
