@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +32,6 @@ from frep_lightning import (
 from frep_lightning.reparam import iter_masked
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Several test processes share 2 cores here; 2 OpenMP threads each spin instead of working."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def quiet_trainer(tmp_path: Path, callbacks: list[pl.Callback], max_epochs: int = 3) -> pl.Trainer:

@@ -35,15 +35,6 @@ from frep_lightning.pruning import RobustPruning
 from frep_lightning.reparam import iter_masked
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one intra-op thread is as fast, and immune to an oversubscribed CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def deterministic() -> Iterator[None]:
     was = torch.are_deterministic_algorithms_enabled()

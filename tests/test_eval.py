@@ -17,7 +17,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,16 +44,6 @@ from frep_lightning.train import run as train_run
 
 REPO = Path(__file__).resolve().parents[1]
 EPS = 8 / 255
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models on a shared 2-core machine: one intra-op thread is 10-100x faster than two
-    threads spinning against other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # -- tiny data and models ----------------------------------------------------------------------

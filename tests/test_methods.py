@@ -5,7 +5,6 @@ pruning reaches its exact target with monotone masks."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -24,15 +23,6 @@ from frep_lightning.objectives import MART, SRE, TRADES, CrossEntropyAT
 from frep_lightning.pruning import RobustPruning
 from frep_lightning.reparam import Hadamard, Plain, iter_masked, reparameterize_
 from frep_lightning.train import build_callbacks, build_module, config_dir
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny models: one intra-op thread is as fast and does not stall on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def cfg_for(*overrides: str) -> DictConfig:

@@ -33,15 +33,6 @@ from frep_lightning.module import FReP
 SRC = Path(__file__).resolve().parents[1] / "src" / "frep_lightning"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Several test processes share 2 cores here; 2 OpenMP threads each spin instead of working."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for key in sorted(tensors):
