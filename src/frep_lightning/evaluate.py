@@ -387,8 +387,14 @@ def run_attacks(
     before = _buffers(model)
     correct: dict[str, list[Tensor]] = {"clean": [], **{name: [] for name in wrapped}}
     seconds = dict.fromkeys(["clean", *wrapped], 0.0)
+    total = len(batches) if hasattr(batches, "__len__") else None
+    begin = time.perf_counter()
     with _frozen_parameters(model):
-        for x, y in batches:
+        for b, (x, y) in enumerate(batches):
+            if b:  # progress: long evaluations (AutoAttack, Square) otherwise print nothing for minutes
+                done = sum(len(c) for c in correct["clean"])
+                so_far = ", ".join(f"{k} {int(sum(int(t.sum()) for t in v))}/{done}" for k, v in correct.items())
+                log.info("eval: batch %d/%s done, %.0f s: %s", b, total or "?", time.perf_counter() - begin, so_far)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if x.numel() and (x.min() < 0 or x.max() > 1):
                 raise ValueError("evaluation inputs must be images in [0, 1]; normalisation belongs inside the model")
