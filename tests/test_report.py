@@ -254,3 +254,19 @@ def test_cli(fake_sweep: tuple[Path, Path], tmp_path: Path, capsys: pytest.Captu
     empty.mkdir()
     assert main([str(empty), "-o", str(tmp_path / "o")]) == 2
     assert "no run directory" in capsys.readouterr().err
+
+
+def test_single_runs_that_differ_in_an_override_are_separate_rows(tmp_path: Path) -> None:
+    """Loose run dirs (no sweep): two FReP runs differing only in ensemble.average are two rows, a
+    third with a different seed only is a seed of its row, and another method keeps its plain name."""
+    common = ["experiment=paper_resnet18_c10", "pruning.sparsity=0.99"]
+    write_run(tmp_path / "a", [*common, "method=frep", "ensemble.average=factors"], "frep", 0.99, {"pgd_acc": 0.24})
+    write_run(tmp_path / "b", [*common, "method=frep", "ensemble.average=product"], "frep", 0.99, {"pgd_acc": 0.23})
+    write_run(
+        tmp_path / "c", [*common, "method=frep", "ensemble.average=product", "seed=1"], "frep", 0.99, {"pgd_acc": 0.21}
+    )
+    write_run(tmp_path / "d", [*common, "method=ori"], "ori", 0.99, {"pgd_acc": 0.22})
+    runs, sweeps = collect([tmp_path])
+    assert not sweeps
+    labels = {r.path.name: r.label for r in runs}
+    assert labels == {"a": "frep average=factors", "b": "frep average=product", "c": "frep average=product", "d": "ori"}

@@ -316,13 +316,33 @@ def collect(paths: Iterable[str | Path], max_depth: int = 4) -> tuple[list[Run],
         if not path.is_dir():
             raise FileNotFoundError(f"frep-report: {p} is not a directory")
         walk(path, 0)
+    in_sweep: set[Path] = set()
     for sweep in sweeps.values():
         keys = tuple(k for k in sweep.varying if k not in PLACEMENT_KEYS)
         for run in runs.values():
             if sweep.path in run.path.parents:
                 run.variant_keys = keys
                 sweep.runs.append(run)
+                in_sweep.add(run.path)
+    loose = [r for r in runs.values() if r.path not in in_sweep]
+    for run in loose:
+        run.variant_keys = loose_variant_keys(run, loose)
     return list(runs.values()), list(sweeps.values())
+
+
+def loose_variant_keys(run: Run, runs: list[Run]) -> tuple[str, ...]:
+    """Runs outside a sweep: the override keys whose values differ between runs placed in the same
+    table row (same dataset, model, method, sparsity target), so that e.g. two single runs with
+    ``ensemble.average=factors`` and ``=product`` are two rows, not two seeds of one."""
+    place = (run.dataset, run.model, run.method, run.sparsity_target)
+    mine = {_override_key(o): _override_value(o) for o in run.overrides}
+    keys: set[str] = set()
+    for other in runs:
+        if other is run or (other.dataset, other.model, other.method, other.sparsity_target) != place:
+            continue
+        theirs = {_override_key(o): _override_value(o) for o in other.overrides}
+        keys |= {k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k)}
+    return tuple(sorted(k for k in keys if k not in PLACEMENT_KEYS and not k.startswith("hydra")))
 
 
 # -- tables ------------------------------------------------------------------------------
