@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -223,12 +224,18 @@ def test_pgd_and_mim_agree_with_reference_implementations(cnn: tuple[nn.Module, 
 
 
 # -- Square and AutoAttack from the package --------------------------------------------------------
-def test_autoattack_standard_runs_on_16_images_on_cpu(cnn: tuple[nn.Module, Tensor, Tensor]) -> None:
+def test_autoattack_standard_runs_on_16_images_on_cpu(
+    cnn: tuple[nn.Module, Tensor, Tensor], caplog: pytest.LogCaptureFixture
+) -> None:
     model, xt, yt = cnn
     x16, y16 = xt[:16], yt[:16]
     start = time.perf_counter()
-    result = run_attacks(model, [(x16, y16)], build_attacks(["pgd50", "aa"], eps=EPS), seed=0)
+    with caplog.at_level(logging.INFO, logger="frep_lightning"):
+        result = run_attacks(model, [(x16, y16)], build_attacks(["pgd50", "aa"], eps=EPS), seed=0)
     seconds = time.perf_counter() - start
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("AutoAttack: ")]
+    assert any("robust accuracy after APGD-CE" in m for m in progress), progress  # long runs are not silent
+    assert not [r for r in caplog.records if r.name == "auto-attack"]  # its own lines stay out of the report
     attack = AutoAttackEval(EPS)
     assert attack.version == "standard" and attack.components is None
     acc = result.accuracies()

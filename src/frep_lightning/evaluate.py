@@ -198,6 +198,18 @@ class _CaptureWarnings(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+class _Progress(logging.Handler):
+    """Forwards AutoAttack's per-component lines (DEBUG in the package) to our log at INFO: a
+    standard run takes minutes and would otherwise be silent."""
+
+    PREFIXES = ("running ", "robust accuracy after ")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith(self.PREFIXES):
+            log.info("AutoAttack: %s", message)
+
+
 class AutoAttackEval(EvalAttack):
     """AutoAttack (Croce & Hein) from ``pyautoattack``: ``version=standard`` (APGD-CE, APGD-T,
     FAB-T, Square 5000) by default; ``components`` with ``version=custom`` runs a subset. The
@@ -235,10 +247,12 @@ class AutoAttackEval(EvalAttack):
 
         kwargs: dict[str, Any] = {"attacks": self.components} if self.components is not None else {}
         aa_log = logging.getLogger("auto-attack")
-        level = aa_log.level
-        handler = _CaptureWarnings()
-        aa_log.setLevel(logging.WARNING)  # its per-batch INFO lines would drown the report
+        level, propagate = aa_log.level, aa_log.propagate
+        handler, progress = _CaptureWarnings(), _Progress()
+        aa_log.setLevel(logging.DEBUG)  # read here, not printed: its own lines would drown the report
+        aa_log.propagate = False
         aa_log.addHandler(handler)
+        aa_log.addHandler(progress)
         try:
             aa = AutoAttack(
                 model, norm="Linf", eps=self.eps, version=self.version, device=x.device, seed=self.seed, **kwargs
@@ -247,7 +261,9 @@ class AutoAttackEval(EvalAttack):
                 x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=len(x))
         finally:
             aa_log.removeHandler(handler)
+            aa_log.removeHandler(progress)
             aa_log.setLevel(level)
+            aa_log.propagate = propagate
         self.messages.extend(m for m in handler.messages if m not in self.messages)
         return x_adv.detach().to(x.device)
 
