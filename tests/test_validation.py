@@ -107,6 +107,16 @@ def test_rule_rejects_bad_value(base: DictConfig, key: str, value: Any, fragment
     assert "invalid config (1 problem)" in message  # only the key that is wrong
 
 
+def test_bad_eval_attack_is_reported_with_the_other_problems(base: DictConfig) -> None:
+    """The final evaluation runs after training: its attack list is checked with everything else."""
+    cfg = with_value(with_value(base, "eval.attacks", ["pgd50", "bogus"]), "pruning.sparsity", 1.5)
+    with pytest.raises(ConfigError) as info:
+        validate_train_config(cfg)
+    message = str(info.value)
+    assert "invalid config (2 problems)" in message
+    assert "eval.attacks: unknown attack name(s) 'bogus'" in message
+
+
 def test_method_names_come_from_conf(base: DictConfig) -> None:
     names = method_names()
     assert {"frep", "frep_ch", "ori"} <= set(names)

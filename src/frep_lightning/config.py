@@ -333,11 +333,28 @@ def check_data_available(cfg: DictConfig) -> None:
         raise DataNotFoundError(str(err)) from err
 
 
+def check_eval_attacks(cfg: DictConfig) -> list[str]:
+    """``eval.attacks`` (and the settings they read) must build: the final evaluation runs after
+    training, so a typo there must fail now, not after hours of training."""
+    from frep_lightning.evaluate import config_attacks
+
+    node = OmegaConf.select(cfg, "eval")
+    if node is None:
+        return []
+    try:
+        config_attacks(node, cfg.get("seed", 0))
+    except ValueError as err:
+        return [str(err)]
+    return []
+
+
 def validate_train_config(cfg: DictConfig, check_data: bool = False) -> None:
     """Raise :class:`ConfigError` listing every invalid key before anything is loaded; with
     ``check_data`` (what ``frep-train`` does) also :class:`DataNotFoundError`, a
     ``FileNotFoundError`` too, when data.root holds no dataset and data.download is off."""
     errors = check_rules(cfg) + check_target_keys(cfg)
+    if not any(e.startswith("eval.") for e in errors):  # a bad eval.eps is one problem, not two
+        errors += check_eval_attacks(cfg)
     if errors:
         lines = "\n  ".join(errors)
         raise ConfigError(f"invalid config ({len(errors)} problem{'s' if len(errors) > 1 else ''}):\n  {lines}")

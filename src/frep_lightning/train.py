@@ -107,8 +107,7 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one configuration and return its summary (also written to ``summary.json``)."""
-    validate_train_config(cfg, check_data=True)
-    config_attacks(cfg.eval, cfg.seed)  # a bad eval.attacks fails now, not after training
+    validate_train_config(cfg, check_data=True)  # every key, eval.attacks included, before data loads
     run_dir = _run_dir(cfg)
     if rank_zero_only.rank == 0:  # DDP ranks > 0 (re-executed script) reuse rank 0's directory
         run_dir.mkdir(parents=True, exist_ok=True)
