@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
-from frep_lightning.pruning import RobustPruning, apply_masks_, averaged_copies, sparsity_report
+from frep_lightning.pruning import RobustPruning
 from frep_lightning.reparam import iter_masked
 
 
@@ -161,18 +161,12 @@ class GradualPruning(RobustPruning):
         with torch.no_grad():
             weights = {n: m.weight.detach() for n, (m, _) in layers.items()}
             old = {n: p.mask.detach() for n, (_, p) in layers.items()}
-        masks = monotone_masks(weights, old, sparsity, self.mode)
-        masks = trainer.strategy.broadcast(masks, src=0)  # identical masks on every rank
-        apply_masks_(pl_module, masks, trainer.optimizers)
-        for copy in averaged_copies(trainer):
-            apply_masks_(copy, masks)
+        masks, measured = self.install_masks(trainer, pl_module, monotone_masks(weights, old, sparsity, self.mode))
         self.current_sparsity = sparsity
-        report = sparsity_report({f"{n}.weight": m.weight.detach() for n, (m, _) in layers.items()})
         rank_zero_info(
             f"GradualPruning: epoch {trainer.current_epoch}: {self.mode} sparsity {sparsity:.4f} of "
-            f"{self.sparsity:.4f}; measured weight sparsity {report['sparsity']:.4f}"
+            f"{self.sparsity:.4f}; measured weight sparsity {measured:.4f}"
         )
-        pl_module.log("train/sparsity", report["sparsity"], on_step=False, on_epoch=True, sync_dist=False)
         return masks
 
     def state_dict(self) -> dict[str, Any]:

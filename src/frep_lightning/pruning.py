@@ -232,20 +232,29 @@ class RobustPruning(Callback):
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
         check_maskable_state(trainer.optimizers)
         masks = compute_masks(pl_module, self.sparsity, self.mode, self.selected_layers)
+        masks, measured = self.install_masks(trainer, pl_module, masks)
+        self.pruned = True
+        self.pruned_at_step = trainer.global_step
+        rank_zero_info(
+            f"RobustPruning: epoch {trainer.current_epoch}, step {trainer.global_step}: {self.mode} pruning to "
+            f"{self.sparsity:.4f}; measured weight sparsity {measured:.4f} over {len(masks)} layers"
+        )
+        return masks
+
+    @staticmethod
+    def install_masks(
+        trainer: pl.Trainer, pl_module: pl.LightningModule, masks: dict[str, Tensor]
+    ) -> tuple[dict[str, Tensor], float]:
+        """Rank 0's masks into the live model (factors and optimizer state zeroed) and every averaged
+        copy; returns the installed masks and the measured weight sparsity (logged as train/sparsity)."""
         # Ranks hold identical weights under DDP; broadcasting makes identical masks a guarantee.
         masks = trainer.strategy.broadcast(masks, src=0)
         apply_masks_(pl_module, masks, trainer.optimizers)
         for copy in averaged_copies(trainer):
             apply_masks_(copy, masks)
-        self.pruned = True
-        self.pruned_at_step = trainer.global_step
         report = sparsity_report({f"{n}.weight": m.weight.detach() for n, m, _ in iter_masked(pl_module) if n in masks})
-        rank_zero_info(
-            f"RobustPruning: epoch {trainer.current_epoch}, step {trainer.global_step}: {self.mode} pruning to "
-            f"{self.sparsity:.4f}; measured weight sparsity {report['sparsity']:.4f} over {len(masks)} layers"
-        )
         pl_module.log("train/sparsity", report["sparsity"], on_step=False, on_epoch=True, sync_dist=False)
-        return masks
+        return masks, float(report["sparsity"])
 
     def state_dict(self) -> dict[str, Any]:
         return {
