@@ -44,7 +44,7 @@ from frep_lightning.evaluate import (
     check_attack_names,
     run_attacks,
 )
-from frep_lightning.export import merged_state_dict, write_json
+from frep_lightning.export import NotOurFileError, merged_state_dict, safe_load, write_json
 from frep_lightning.reparam import add_masks_, select_layers
 from frep_lightning.train import build_module, config_dir
 
@@ -96,9 +96,9 @@ def _not_ours(path: Path, why: str) -> ValueError:
 def load_file(path: Path) -> dict[str, Any]:
     """``torch.load(weights_only=True)``: never unpickles code from a file we are asked to judge."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError, RuntimeError (not a zip/pickle), EOFError, ...
-        raise _not_ours(path, f"torch.load(weights_only=True) refused it: {type(err).__name__}: {err}") from err
+        obj = safe_load(path)
+    except NotOurFileError as err:  # pickled objects, truncated or foreign files
+        raise _not_ours(path, f"torch.load(weights_only=True) refused it: {err}") from err
     if not isinstance(obj, dict):
         raise _not_ours(path, f"it holds a {type(obj).__name__}, not a dict")
     return obj

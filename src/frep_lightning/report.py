@@ -456,7 +456,9 @@ def weight_magnitudes(model_pt: Path) -> tuple[Any, float]:
     """|w| of the nonzero prunable weights (Conv/Linear ``.weight``) and the fraction of zeros."""
     import torch
 
-    state = torch.load(model_pt, map_location="cpu", weights_only=True)
+    from frep_lightning.export import load_state_dict_file
+
+    state = load_state_dict_file(model_pt)
     weights = [v.detach().flatten().float() for k, v in state.items() if k.endswith(".weight") and v.dim() in (2, 4)]
     if not weights:
         return torch.empty(0), math.nan
