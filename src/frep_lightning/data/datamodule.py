@@ -270,14 +270,12 @@ class ImageClassificationData(pl.LightningDataModule):
         self, data: tuple[Tensor, Tensor], batch_size: int, train: bool, persistent: bool = False
     ) -> DataLoader:
         if train:  # shuffled + augmented, resumable mid-epoch, split across DDP ranks
-            trainer = self.trainer
             sampler = EpochSeededSampler(
                 SeededPairs(*data),
                 batch_size,
                 self.seed,
                 drop_last=len(data[1]) >= batch_size,
-                num_replicas=trainer.world_size if trainer is not None else 1,
-                rank=trainer.global_rank if trainer is not None else 0,
+                **self._replica(),
             )
             return ResumableLoader(
                 sampler.dataset,
@@ -299,6 +297,15 @@ class ImageClassificationData(pl.LightningDataModule):
             persistent_workers=persistent and self.num_workers > 0,
             collate_fn=functools.partial(collate_uint8, augment=False, flip=self.flip),
             generator=torch.Generator().manual_seed(self.seed),  # worker seeds: not from the global RNG
+        )
+
+    def _replica(self) -> dict[str, int]:
+        """This process's share of the training set under DDP (the whole set without a trainer)."""
+        trainer = self.trainer
+        return (
+            {"num_replicas": 1, "rank": 0}
+            if trainer is None
+            else {"num_replicas": trainer.world_size, "rank": trainer.global_rank}
         )
 
     def _next_epoch(self) -> int:
@@ -333,7 +340,6 @@ class ImageClassificationData(pl.LightningDataModule):
         if device is None:
             return self._loader(self._ensure_train(), self.batch_size, train=True, persistent=True)
         images, labels = self._ensure_train()
-        trainer = self.trainer
         return DeviceBatches(
             images,
             labels,
@@ -343,8 +349,7 @@ class ImageClassificationData(pl.LightningDataModule):
             padding=CROP_PADDING,
             drop_last=len(labels) >= self.batch_size,
             seed=self.seed,
-            num_replicas=trainer.world_size if trainer is not None else 1,
-            rank=trainer.global_rank if trainer is not None else 0,
+            **self._replica(),
             device=device,
             progress=self._trained_batches,
         )
