@@ -269,4 +269,51 @@ def test_single_runs_that_differ_in_an_override_are_separate_rows(tmp_path: Path
     runs, sweeps = collect([tmp_path])
     assert not sweeps
     labels = {r.path.name: r.label for r in runs}
-    assert labels == {"a": "frep average=factors", "b": "frep average=product", "c": "frep average=product", "d": "ori"}
+    assert labels == {
+        "a": "frep ensemble.average=factors",
+        "b": "frep ensemble.average=product",
+        "c": "frep ensemble.average=product",
+        "d": "ori",
+    }
+
+
+def test_autoattack_from_a_separate_subset_eval_gets_its_column_and_its_sample_size(tmp_path: Path) -> None:
+    """AutoAttack run apart (eval_aa.json, 500 images) next to eval.json (FGSM/PGD-50, 10k): the AA column
+    shows it, the note gives each column's image count and says AA is not in Worst case; a Square number
+    at a non-standard budget (a queries-curve point) and the subset's clean/worst_case stay out of the table."""
+    evaluation = {
+        "n": 10000,
+        "clean": 0.50,
+        "fgsm": 0.25,
+        "pgd50": 0.21,
+        "worst_case": 0.208,
+        "attacks": ["fgsm", "pgd50"],
+    }
+    write_run(
+        tmp_path / "r", ["method=frep"], "frep", 0.99, {"clean_acc": 0.50, "pgd_acc": 0.22, "n_test": 10000}, evaluation
+    )
+    aa = {"n": 500, "clean": 0.9, "aa": 0.156, "worst_case": 0.01, "attacks": ["aa"]}
+    (tmp_path / "r" / "eval_aa.json").write_text(json.dumps(aa))
+    square = {"n": 500, "square": 0.4, "attacks": ["square"], "attack_settings": {"square": {"queries": 100}}}
+    (tmp_path / "r" / "eval_square_q100.json").write_text(json.dumps(square))
+    runs, _ = collect([tmp_path])
+    (run,) = runs
+    assert run.accuracies() == {
+        "clean": 0.50,
+        "pgd10": 0.22,
+        "fgsm": 0.25,
+        "pgd50": 0.21,
+        "worst_case": 0.208,
+        "aa": 0.156,
+    }
+    assert run.measured()["aa"] == (0.156, 500, "eval_aa.json")
+    assert run.measured()["pgd10"] == (0.22, 10000, "summary.json")
+    assert run.square_curve() == {100: 0.4}
+    report = write_report([tmp_path], tmp_path / "out").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| frep"))
+    head = next(line for line in report.splitlines() if line.startswith("| Method"))
+    cells = dict(zip([c.strip() for c in head.split("|")], [c.strip() for c in row.split("|")], strict=True))
+    assert (cells["Clean"], cells["AA"], cells["Worst case"], cells["PGD-50"]) == ("50.0", "15.6", "20.8", "21.0")
+    assert "Square" not in cells
+    assert "AA 500" in report and "PGD-50 10,000" in report
+    assert "AA comes from a separate evaluation (eval_aa.json)" in report

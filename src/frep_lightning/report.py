@@ -59,6 +59,7 @@ NAMES = {
     "wrn28_10": "WRN-28-10",
 }
 SQUARE_Q = re.compile(r"^square_q(\d+)$")
+SQUARE_STANDARD_QUERIES = 5000  # frep-eval's default budget (conf/eval.yaml queries)
 
 
 # -- collecting --------------------------------------------------------------------------
@@ -107,7 +108,8 @@ class Run:
     config: Any = None
     summary: dict[str, Any] | None = None
     evaluation: dict[str, Any] | None = None
-    extra_evals: list[dict[str, Any]] = field(default_factory=list)  # eval_*.json (e.g. Square at other budgets)
+    # eval_*.json by file name (AutoAttack on a subset, Square at other budgets, ...)
+    extra_evals: dict[str, dict[str, Any]] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
     variant_keys: tuple[str, ...] = ()
 
@@ -151,13 +153,16 @@ class Run:
     def label(self) -> str:
         """Method name, plus the swept non-placement keys of its sweep (``objective=pgd``)."""
         given = {_override_key(o): _override_value(o) for o in self.overrides}
-        extra = [f"{k.split('.')[-1]}={given[k]}" for k in self.variant_keys if k in given]
+        extra = [f"{'.'.join(k.split('.')[-2:])}={given[k]}" for k in self.variant_keys if k in given]
         return " ".join([self.method, *extra])
 
-    def accuracies(self) -> dict[str, float]:
-        """Attack name -> accuracy in [0, 1]: eval.json first, then summary.json."""
-        acc: dict[str, float] = {}
+    def measured(self) -> dict[str, tuple[float, int | None, str]]:
+        """Attack name -> (accuracy in [0, 1], test images behind it, file): eval.json first, then
+        summary.json, then attacks that only an extra ``eval_*.json`` has (e.g. AutoAttack on a subset)."""
+        out: dict[str, tuple[float, int | None, str]] = {}
         if self.summary is not None:
+            n = self.summary.get("n_test") if isinstance(self.summary.get("n_test"), int) else None
+            acc: dict[str, float] = {}
             if isinstance(self.summary.get("clean_acc"), (int, float)):
                 acc["clean"] = float(self.summary["clean_acc"])
             if isinstance(self.summary.get("pgd_acc"), (int, float)):
@@ -167,15 +172,26 @@ class Run:
                 name = key[: -len("_acc")]
                 if key.endswith("_acc") and name not in ("clean", "pgd") and isinstance(value, (int, float)):
                     acc[name] = float(value)
+            out.update({name: (value, n, "summary.json") for name, value in acc.items()})
         if self.evaluation is not None:
-            acc.update(_attack_numbers(self.evaluation))
-        return acc
+            n = self.evaluation.get("n") if isinstance(self.evaluation.get("n"), int) else None
+            out.update({name: (value, n, "eval.json") for name, value in _attack_numbers(self.evaluation).items()})
+        for file, extra in self.extra_evals.items():
+            n = extra.get("n") if isinstance(extra.get("n"), int) else None
+            for name, value in _attack_numbers(extra).items():
+                if name not in out and _extra_attack_counts(extra, name):
+                    out[name] = (value, n, file)
+        return out
+
+    def accuracies(self) -> dict[str, float]:
+        """Attack name -> accuracy in [0, 1] (see :meth:`measured`)."""
+        return {name: value for name, (value, _, _) in self.measured().items()}
 
     def square_curve(self) -> dict[int, float]:
         """Square accuracy by query budget: ``square_q<N>`` keys, a ``square_queries`` mapping, or
         the ``square`` result of every ``eval*.json`` with its ``attack_settings.square.queries``."""
         curve: dict[int, float] = {}
-        for source in (self.summary, self.evaluation, *self.extra_evals):
+        for source in (self.summary, self.evaluation, *self.extra_evals.values()):
             if source is None:
                 continue
             queries_used = (source.get("attack_settings") or {}).get("square", {}).get("queries")
@@ -224,6 +240,18 @@ def _attack_numbers(data: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _extra_attack_counts(extra: dict[str, Any], name: str) -> bool:
+    """Whether an extra ``eval_*.json`` number may stand in a table column: not ``clean`` or
+    ``worst_case`` (they belong to that file's subset and attack list), and Square only at the standard
+    budget (other budgets are points of the queries curve, Fig. 6)."""
+    if name in ("clean", "worst_case"):
+        return False
+    if name == "square":
+        queries = (extra.get("attack_settings") or {}).get("square", {}).get("queries")
+        return queries in (None, SQUARE_STANDARD_QUERIES)
+    return True
+
+
 def is_run_dir(path: Path) -> bool:
     return (
         any((path / name).is_file() for name in ("summary.json", "eval.json", "config.yaml"))
@@ -234,13 +262,13 @@ def is_run_dir(path: Path) -> bool:
 def load_run(path: Path) -> Run:
     config = _load_yaml(path / "config.yaml") or _load_yaml(path / ".hydra" / "config.yaml")
     overrides = _load_yaml(path / ".hydra" / "overrides.yaml")
-    extra = [_load_json(p) for p in sorted(path.glob("eval?*.json"))]
+    extra = {p.name: _load_json(p) for p in sorted(path.glob("eval?*.json"))}
     return Run(
         path=path,
         config=config,
         summary=_load_json(path / "summary.json"),
         evaluation=_load_json(path / "eval.json"),
-        extra_evals=[e for e in extra if e is not None],
+        extra_evals={name: e for name, e in extra.items() if e is not None},
         overrides=[str(o) for o in (OmegaConf.to_container(overrides) if overrides is not None else [])],
     )
 
@@ -399,7 +427,37 @@ def table_markdown(rows: dict[tuple[float, str], list[Run]]) -> str:
             cells.append(_fmt(gb, scale=1.0, digits=2))
         cells.append(", ".join(sorted({r.source for r in runs})))
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    note = sample_size_note(rows, columns)
+    return "\n".join([*lines, *(["", note] if note else [])])
+
+
+def sample_size_note(rows: dict[tuple[float, str], list[Run]], columns: Sequence[tuple[str, str]]) -> str:
+    """Test images behind each column: one sentence when all agree, else per column (an AA column on
+    500 images next to PGD-50 on 10,000 must say so)."""
+    sizes: dict[str, set[int]] = defaultdict(set)
+    separate: dict[str, set[str]] = defaultdict(set)  # column -> extra files it came from
+    for runs in rows.values():
+        for run in runs:
+            for name, (_, n, file) in run.measured().items():
+                if n is not None:
+                    sizes[name].add(n)
+                if file not in ("summary.json", "eval.json"):
+                    separate[name].add(file)
+    notes = []
+    present = [(name, title) for name, title in columns if sizes.get(name)]
+    everything = {n for name, _ in present for n in sizes[name]}
+    if len(everything) == 1:
+        notes.append(f"Test images per number: {everything.pop():,}.")
+    elif present:
+        parts = [f"{title} {' / '.join(f'{n:,}' for n in sorted(sizes[name]))}" for name, title in present]
+        notes.append("Test images per number: " + "; ".join(parts) + ".")
+    for name, title in columns:
+        if separate.get(name):
+            notes.append(
+                f"{title} comes from a separate evaluation ({', '.join(sorted(separate[name]))}), so it is not part "
+                "of that row's Worst case: the lower of the two bounds the robust accuracy."
+            )
+    return " ".join(notes)
 
 
 # -- figures -----------------------------------------------------------------------------
