@@ -9,8 +9,11 @@
 # 10k test split (eval.json), then for AA_RUNS AutoAttack standard on N_AA test images (eval_aa.json).
 # Jobs run PARALLEL at once in priority order; one deadline (BUDGET_S after start) bounds everything, and every
 # finished step is packed into $OUT/baselines.tar.gz (pack_results.py) at once, so a cut run still returns.
+# Measured 2026-11-27 (results/2026-11-27-baselines-h100.md): processes on one GPU time-slice, so 4 at once gave
+# no throughput over 1 at a time (a fast 6-epoch FReP run trained in 155 s among 4, vs ~25 s of steps alone);
+# hence PARALLEL=2 (one hides the other's start-up and CPU work) and one pack decode before any job.
 # Usage (repo root, .gpu/ carried: site/ + data/): bash experiments/gpu/baselines_reduced.sh EPOCHS [N_AA]
-# Env: PARALLEL (4), BUDGET_S (540), AA_RUNS, JOBS (names to run, default all), EXTRA (overrides for every run).
+# Env: PARALLEL (2), BUDGET_S (540), AA_RUNS, JOBS (names to run, default all), EXTRA (overrides for every run).
 source experiments/gpu/env.sh
 E=${1:-6}; N_AA=${2:-500}; TP=$(( E * 30 / 100 )); M1=$(( (E * 70 + 99) / 100 )); M2=$(( (E * 85 + 99) / 100 ))
 [ "$M2" -le "$M1" ] && M2=$(( M1 + 1 ))
@@ -56,5 +59,7 @@ run_one() {  # name overrides...
 }
 export -f run_one
 t0=$(date +%s)
-for n in $ORDER; do echo "$n ${JOB[$n]}"; done | xargs -P "${PARALLEL:-4}" -I{} bash -c 'run_one {}'
+python3 -c "from frep_lightning.data.pack import load_pack as l; [l('$FREP_DATA_DIR/cifar10/'+s+'.npz') for s in ('train','test')]" \
+  && log "decode cache ready after $(( $(date +%s) - t0 ))s"
+for n in $ORDER; do echo "$n ${JOB[$n]}"; done | xargs -P "${PARALLEL:-2}" -I{} bash -c 'run_one {}'
 log "all done after $(( $(date +%s) - t0 ))s"
