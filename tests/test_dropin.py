@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from frep_lightning import (
     SRE,
+    GradualPruning,
     MergeReparameterization,
     RobustPruning,
     SignGradientAttack,
@@ -310,10 +311,16 @@ def test_incompatible_setup_fails_before_training(
     assert steps.n == 0
 
 
-def test_optimizer_with_unmaskable_state_fails_at_pruning(tmp_path: Path) -> None:
-    """State shapes are only known once the optimizer has stepped: checked before masks change."""
-    pruning = RobustPruning(sparsity=0.5, epoch=1)
+@pytest.mark.parametrize(
+    "make_pruning",
+    [lambda: RobustPruning(sparsity=0.5, epoch=1), lambda: GradualPruning(sparsity=0.5, epoch=1, end_epoch=2)],
+    ids=["robust", "gradual"],
+)
+def test_optimizer_with_unmaskable_state_fails_at_pruning(tmp_path: Path, make_pruning: Any) -> None:
+    """State shapes are only known once the optimizer has stepped: checked before masks change, by
+    every pruning callback (they share install_masks)."""
+    pruning = make_pruning()
     module = SmallModule(optimizers="factored")
     with pytest.raises(ValueError, match=r"Factored state 'row_var' has shape \(4,\) for a parameter of shape"):
-        quiet_trainer(tmp_path, [pruning], max_epochs=2).fit(module)
+        quiet_trainer(tmp_path, [pruning], max_epochs=3).fit(module)
     assert not pruning.pruned and all(bool((p.mask == 1).all()) for _, _, p in iter_masked(module))

@@ -230,7 +230,6 @@ class RobustPruning(Callback):
             self.prune(trainer, pl_module)
 
     def prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
-        check_maskable_state(trainer.optimizers)
         masks = compute_masks(pl_module, self.sparsity, self.mode, self.selected_layers)
         masks, measured = self.install_masks(trainer, pl_module, masks)
         self.pruned = True
@@ -247,6 +246,8 @@ class RobustPruning(Callback):
     ) -> tuple[dict[str, Tensor], float]:
         """Rank 0's masks into the live model (factors and optimizer state zeroed) and every averaged
         copy; returns the installed masks and the measured weight sparsity (logged as train/sparsity)."""
+        # State shapes are known only once the optimizer has stepped: checked before any mask changes.
+        check_maskable_state(trainer.optimizers)
         # Ranks hold identical weights under DDP; broadcasting makes identical masks a guarantee.
         masks = trainer.strategy.broadcast(masks, src=0)
         apply_masks_(pl_module, masks, trainer.optimizers)
