@@ -21,6 +21,7 @@ import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+import helpers
 from frep_lightning import (
     SRE,
     GradualPruning,
@@ -36,15 +37,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def quiet_trainer(tmp_path: Path, callbacks: list[pl.Callback], max_epochs: int = 3) -> pl.Trainer:
-    return pl.Trainer(
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    return helpers.quiet_trainer(tmp_path, callbacks, accelerator="auto", max_epochs=max_epochs)
 
 
 def random_images(n: int, size: int = 32, seed: int = 0) -> TensorDataset:

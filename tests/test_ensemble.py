@@ -9,6 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from frep_lightning.ensemble import TemporalEnsemble, ema_tau
+from helpers import quiet_trainer
 
 
 class Climb(pl.LightningModule):
@@ -34,15 +35,7 @@ class Climb(pl.LightningModule):
 
 
 def fit(module: pl.LightningModule, callbacks: list, epochs: int, tmp_path) -> pl.Trainer:
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, callbacks, accelerator="auto", max_epochs=epochs)
     trainer.fit(module)
     return trainer
 

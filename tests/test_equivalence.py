@@ -33,6 +33,7 @@ from frep_lightning.module import FReP
 from frep_lightning.objectives import SRE
 from frep_lightning.pruning import RobustPruning
 from frep_lightning.reparam import iter_masked
+from helpers import quiet_trainer
 
 
 @pytest.fixture
@@ -245,17 +246,9 @@ def _fit(tmp_path: Path, fast: dict[str, Any] | None) -> tuple[Probe, RobustPrun
     pruning = RobustPruning(sparsity=0.9, epoch=1)
     ensemble = TemporalEnsemble(every_n_steps=2, interval_factor=2, bn="recompute", bn_batches=2)
     probe = Probe(ensemble)
-    trainer = pl.Trainer(
-        max_epochs=3,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        inference_mode=False,
-        default_root_dir=str(tmp_path),
-        callbacks=[pruning, probe, ensemble],  # the probe sees the live model before the ensemble replaces it
+    # the probe sees the live model before the ensemble replaces it
+    trainer = quiet_trainer(
+        tmp_path, [pruning, probe, ensemble], max_epochs=3, num_sanity_val_steps=0, inference_mode=False
     )
     trainer.fit(module, datamodule=TinyData())
     return probe, pruning, trainer
@@ -415,17 +408,7 @@ def test_non_finite_loss_fails_at_the_end_of_the_epoch(tmp_path: Path) -> None:
     """No host sync inside a step: a NaN loss is counted on the device and raised once per epoch."""
     module = FastFReP(build_model("resnet18", width=4), objective=_NaNObjective(), val_attack_steps=0)
     data = TinyData()
-    trainer = pl.Trainer(
-        max_epochs=1,
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        inference_mode=False,
-        default_root_dir=str(tmp_path),
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_val_batches=0, inference_mode=False)
     with pytest.raises(FloatingPointError, match=r"non-finite training loss in 4 step\(s\) of epoch 0"):
         trainer.fit(module, datamodule=data)
 

@@ -23,6 +23,7 @@ from frep_lightning.objectives import MART, SRE, TRADES, CrossEntropyAT
 from frep_lightning.pruning import RobustPruning
 from frep_lightning.reparam import Hadamard, Plain, iter_masked, reparameterize_
 from frep_lightning.train import build_callbacks, build_module, config_dir
+from helpers import quiet_trainer
 
 
 def cfg_for(*overrides: str) -> DictConfig:
@@ -64,16 +65,7 @@ def fit_tiny(cfg: DictConfig, tmp_path: Path, epochs: int = 2) -> tuple[pl.Light
     validate_train_config(cfg)
     module = build_module(cfg)
     callbacks, export = build_callbacks(cfg, tmp_path)
-    trainer = pl.Trainer(
-        max_epochs=epochs,
-        accelerator="cpu",
-        callbacks=callbacks,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, callbacks, max_epochs=epochs, enable_checkpointing=True, num_sanity_val_steps=0)
     train, val = tiny_loaders()
     trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
     assert export.path is not None and export.path.is_file()
@@ -264,17 +256,7 @@ def test_lwm_reaches_exact_target_at_end_epoch_with_monotone_masks(mode: str, tm
     final = 0.9 if mode == "unstructured" else 0.5
     pruning = GradualPruning(sparsity=final, epoch=1, end_epoch=3, mode=mode)
     recorder = MaskRecorder()
-    trainer = pl.Trainer(
-        max_epochs=5,
-        accelerator="cpu",
-        callbacks=[pruning, recorder],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(tmp_path, [pruning, recorder], max_epochs=5, limit_val_batches=0)
     train, val = tiny_loaders()
     trainer.fit(module, train_dataloaders=train, val_dataloaders=val)
     assert [e for e, _ in pruning.history] == [1, 2, 3] and pruning.pruned

@@ -29,6 +29,7 @@ from frep_lightning.data import ImageClassificationData
 from frep_lightning.ensemble import TemporalEnsemble
 from frep_lightning.export import NotOurFileError, load_state_dict_file, safe_load, save_state_dict
 from frep_lightning.module import FReP
+from helpers import quiet_trainer
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "frep_lightning"
 
@@ -269,15 +270,14 @@ def fit_linear(
     root: Path, out: list[Any], kill_at: int | None = None, ckpt: Path | None = None, loader: str = "cpu"
 ) -> None:
     pl.seed_everything(0)
-    trainer = pl.Trainer(
+    trainer = quiet_trainer(
+        root,
+        [HookLog(out, kill_at), RNGState(), LastCheckpoint(root, every_n_train_steps=1)],
+        accelerator="auto",
         max_epochs=3,
-        callbacks=[HookLog(out, kill_at), RNGState(), LastCheckpoint(root, every_n_train_steps=1)],
         plugins=[AtomicCheckpointIO()],
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        enable_checkpointing=True,
         num_sanity_val_steps=0,
-        default_root_dir=root,
     )
     with contextlib.suppress(Killed):
         dm = synthetic_datamodule(on_device=loader == "device", workers=1 if loader == "workers" else 0)
