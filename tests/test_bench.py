@@ -63,7 +63,7 @@ def test_reduced_bench_measures_every_planned_row(bench: ModuleType, tmp_path: P
     assert md.count("\n| resnet18 | 8 |") + md.count("\n| vgg16_bn | 8 |") == len(expected)
     assert len(data["rows"]) == len(expected) and data["device"].startswith("cpu")
     ratios = {what.split(",")[0]: value for what, value, _ in data["ratios"]}
-    assert ratios["FReP fast step in Lightning"] > 0
+    assert ratios["FReP fast step in Lightning (pl-fast-bf16)"] > 0
     assert ratios["eager PGD-10 / fast FReP (pl-fast-bf16)"] > 0
 
 
@@ -117,3 +117,22 @@ def test_capture_check_code_runs_eagerly_on_cpu(bench: ModuleType, one_thread: N
     assert result["result"] == "PASS", result
     assert result["without random start: pruned weights not zero after replays"] == 0
     assert result["RNG: replays reproduce the eager random starts"] is True
+
+
+def test_compiling_modes_run_last_and_only_with_compile(bench: ModuleType) -> None:
+    """The issue's numbers first: modes that compile (fast.compile_model, reduce-overhead) come after every
+    other row, and not at all without --compile (the CPU run in CI)."""
+    modes = "pl-fast-bf16-cm,fast-bf16,fast-bf16-cm,pl-fast-bf16"
+    argv = ["--reduced", "--device", "cpu", "--methods", "frep", "--models", "resnet18", "--modes", modes]
+    assert [m for *_, m in bench.plan(bench.parse_args(argv))] == ["fast-bf16", "pl-fast-bf16"]
+    planned = bench.plan(bench.parse_args([*argv, "--batch-sizes", "8,16", "--compile"]))
+    assert [(bs, m) for _, bs, _, m in planned] == [
+        (8, "fast-bf16"),
+        (8, "pl-fast-bf16"),
+        (16, "fast-bf16"),
+        (16, "pl-fast-bf16"),
+        (8, "fast-bf16-cm"),
+        (16, "fast-bf16-cm"),
+        (8, "pl-fast-bf16-cm"),
+        (16, "pl-fast-bf16-cm"),
+    ]

@@ -65,6 +65,19 @@ def _check_choice(key: str, value: Any, allowed: Sequence[str]) -> None:
         raise ValueError(f"{key}={value!r} is not valid; allowed values: {', '.join(allowed)}")
 
 
+def _check_compile_model(compile_model: bool, capture: str, cache_weights: bool) -> None:
+    if compile_model and capture == "compile":
+        raise ValueError(
+            "fast.compile_model=true with fast.capture=compile would compile the model twice; use "
+            "fast.capture=cuda_graph (compiled kernels replayed from one graph) or fast.capture=none"
+        )
+    if compile_model and cache_weights:
+        raise ValueError(
+            "fast.compile_model=true and fast.cache_weights=true: pick one (the compiled forward fuses the "
+            "W1*W2*mask products itself; the two are not tested together)"
+        )
+
+
 @torch.no_grad()
 def sgd_update_(
     params: list[Tensor],
@@ -149,6 +162,10 @@ class FastStep:
         sgd: ``fused``, ``foreach``, or ``auto`` (fused on CUDA, foreach elsewhere).
         cache_weights: compute each W = W1·W2·mask once per step (``parametrize.cached``) instead of
             once per forward; the same values, gradients summed in another order (rounding only).
+        compile_model: run the backbone's forwards (and their backwards) through ``torch.compile``
+            (inductor, its default mode: no CUDA graphs of its own), so that BatchNorm/ReLU/residual
+            adds and the W1·W2·mask products become fused kernels; with ``capture=cuda_graph`` the whole
+            step, compiled kernels included, is then captured as before. Rounding-level change only.
         warmup_steps: eager steps (real training steps) per batch shape before capturing.
         memory_format: layout the inputs are given (``torch.channels_last`` with a channels-last model).
     """
@@ -164,10 +181,12 @@ class FastStep:
         precision: str = "fp32",
         sgd: str = "auto",
         cache_weights: bool = False,
+        compile_model: bool = False,
         warmup_steps: int = 3,
         memory_format: torch.memory_format = torch.contiguous_format,
     ) -> None:
         _check_choice("fast.capture", capture, CAPTURES)
+        _check_compile_model(compile_model, capture, cache_weights)
         _check_choice("fast.precision", precision, PRECISIONS)
         _check_choice("fast.sgd", sgd, SGD_IMPLS)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
@@ -193,6 +212,10 @@ class FastStep:
         self.precision = precision
         self.impl = ("fused" if self.cuda else "foreach") if sgd == "auto" else sgd
         self.cache_weights = bool(cache_weights)
+        self.compile_model = bool(compile_model)
+        # The forwards go through ``net``: the model itself, or a compiled view of it sharing its parameters,
+        # buffers and modules (nothing outside the step sees the compiled wrapper).
+        self.net: nn.Module = torch.compile(model, dynamic=False) if compile_model else model  # type: ignore[assignment]
         self.warmup_steps = warmup_steps
         self.memory_format = memory_format
         self.sums = torch.zeros(5, device=self.device)
@@ -271,7 +294,7 @@ class FastStep:
 
     def body(self, x: Tensor, y: Tensor, lrs: Sequence[float | Tensor]) -> None:
         """FReP.training_step + SGD: everything that one captured replay does."""
-        model, objective = self.model, self.objective
+        model, objective = self.net, self.objective
         with self._autocast(), self._weights():
             logits_clean = model(x) if objective.uses_clean else None
             reference = None if logits_clean is None else logits_clean.detach()
@@ -318,12 +341,21 @@ class FastStep:
         self._sync_lr()
         if self.memory_format is not torch.contiguous_format:
             x = x.contiguous(memory_format=self.memory_format)
-        if self.mode == "cuda_graph":
-            self._graph_step(x, y)
-        elif self.mode == "compile":
-            self._compiled_step(x, y)
-        else:
-            self.body(x, y, self._lr_seen)
+        try:
+            if self.mode == "cuda_graph":
+                self._graph_step(x, y)
+            elif self.mode == "compile":
+                self._compiled_step(x, y)
+            else:
+                self.body(x, y, self._lr_seen)
+        except torch._dynamo.exc.TorchDynamoException as err:
+            if not self.compile_model:
+                raise
+            # compilation happens in the first (warm-up) steps, before the failing forward changed anything
+            raise RuntimeError(
+                f"fast.compile_model=true: torch.compile could not compile the model ({type(err).__name__}: "
+                f"{str(err).strip().splitlines()[0][:300]}); set fast.compile_model=false"
+            ) from err
 
     def eager_reference(self, x: Tensor, y: Tensor) -> None:
         """The captured step's arithmetic (LR read from the device tensor), run eagerly: what a replay must
@@ -415,6 +447,8 @@ class FastStep:
             parts.append("channels_last")
         if self.cache_weights:
             parts.append("cached W")
+        if self.compile_model:
+            parts.append("compiled model")
         if self.fallback:
             parts.append(f"fallback: {self.fallback}")
         return ", ".join(parts)
@@ -448,6 +482,7 @@ class FastFReP(FReP):
         channels_last: bool = False,
         sgd: str = "auto",
         cache_weights: bool = False,
+        compile_model: bool = False,
         warmup_steps: int = 3,
         cudnn_benchmark: bool = True,
         **kwargs: Any,
@@ -458,10 +493,12 @@ class FastFReP(FReP):
         for key, flag in (
             ("channels_last", channels_last),
             ("cache_weights", cache_weights),
+            ("compile_model", compile_model),
             ("cudnn_benchmark", cudnn_benchmark),
         ):
             if not isinstance(flag, bool):
                 raise ValueError(f"fast.{key} must be true or false, got {flag!r}")
+        _check_compile_model(compile_model, capture, cache_weights)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
             raise ValueError(f"fast.warmup_steps={warmup_steps!r} must be an integer >= 1 (capture needs a warm-up)")
         super().__init__(model, *args, **kwargs)
@@ -471,6 +508,7 @@ class FastFReP(FReP):
             "precision": precision,
             "sgd": sgd,
             "cache_weights": cache_weights,
+            "compile_model": compile_model,
             "warmup_steps": warmup_steps,
         }
         self.channels_last = channels_last
@@ -566,6 +604,7 @@ class FastFReP(FReP):
 
 def iter_fast_options(cfg: Any) -> Iterator[tuple[str, Any]]:
     """``(key, value)`` of a ``fast:`` config block that FastFReP takes (``enabled`` excluded)."""
-    for key in ("capture", "precision", "channels_last", "sgd", "cache_weights", "warmup_steps", "cudnn_benchmark"):
+    keys = ("capture", "precision", "channels_last", "sgd", "cache_weights", "compile_model", "warmup_steps")
+    for key in (*keys, "cudnn_benchmark"):
         if key in cfg and cfg[key] is not None:
             yield key, cfg[key]
