@@ -351,7 +351,7 @@ class FastStep:
         except torch._dynamo.exc.TorchDynamoException as err:
             if not self.compile_model:
                 raise
-            # compilation happens in the first (warm-up) steps, before the failing forward changed anything
+            # compilation happens in the first (warm-up) steps: the run stops there, its checkpoints untouched
             raise RuntimeError(
                 f"fast.compile_model=true: torch.compile could not compile the model ({type(err).__name__}: "
                 f"{str(err).strip().splitlines()[0][:300]}); set fast.compile_model=false"
