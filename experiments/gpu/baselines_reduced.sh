@@ -10,7 +10,7 @@
 # Jobs run PARALLEL at once in priority order; one deadline (BUDGET_S after start) bounds everything, and every
 # finished step is packed into $OUT/baselines.tar.gz (pack_results.py) at once, so a cut run still returns.
 # Measured 2026-11-27 (results/2026-11-27-baselines-h100.md): processes on one GPU time-slice, so 4 at once gave
-# no throughput over 1 at a time (a fast 6-epoch FReP run trained in 155 s among 4, vs ~25 s of steps alone);
+# no throughput over 1 at a time (a fast 6-epoch FReP run trained in 159 s among 4, vs ~25 s of steps alone);
 # hence PARALLEL=2 (one hides the other's start-up and CPU work) and one pack decode before any job.
 # Usage (repo root, .gpu/ carried: site/ + data/): bash experiments/gpu/baselines_reduced.sh EPOCHS [N_AA]
 # Env: PARALLEL (2), BUDGET_S (540), AA_RUNS, JOBS (names to run, default all), EXTRA (overrides for every run).
