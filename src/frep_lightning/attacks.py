@@ -20,6 +20,8 @@ from fractions import Fraction
 import torch
 from torch import Tensor, nn
 
+from frep_lightning.checks import check_choice
+
 LossFn = Callable[[Tensor], Tensor]
 BN_MODES = ("train", "eval")
 
@@ -114,8 +116,7 @@ class SignGradientAttack:
         if momentum is not None and momentum < 0:
             raise ValueError(f"attack.momentum={momentum!r} must be >= 0")
         self.momentum = momentum
-        if bn not in BN_MODES:
-            raise ValueError(f"attack.bn={bn!r} is not valid; allowed values: {', '.join(BN_MODES)}")
+        check_choice("attack.bn", bn, BN_MODES)
         self.bn = bn
 
     def __repr__(self) -> str:

@@ -41,6 +41,8 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from frep_lightning.checks import check_choice
+
 BN_MODES = ("recompute", "copy", "average")
 AVERAGE_MODES = ("factors", "product")
 
@@ -102,12 +104,10 @@ class TemporalEnsemble(WeightAveraging):
             raise ValueError(f"ensemble.interval_factor={interval_factor!r} must be an integer >= 1")
         if not 0.0 < lr_drop_ratio < 1.0:
             raise ValueError(f"ensemble.lr_drop_ratio={lr_drop_ratio!r} must be in (0, 1)")
-        if bn not in BN_MODES:
-            raise ValueError(f"ensemble.bn={bn!r} is not valid; allowed values: {', '.join(BN_MODES)}")
+        check_choice("ensemble.bn", bn, BN_MODES)
         if not isinstance(bn_batches, int) or bn_batches <= 0:
             raise ValueError(f"ensemble.bn_batches={bn_batches!r} must be an integer > 0")
-        if average not in AVERAGE_MODES:
-            raise ValueError(f"ensemble.average={average!r} is not valid; allowed values: {', '.join(AVERAGE_MODES)}")
+        check_choice("ensemble.average", average, AVERAGE_MODES)
         super().__init__(device=device, use_buffers=False)
         self.average = average
         self.tau0 = float(tau0)

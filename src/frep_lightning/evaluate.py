@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from frep_lightning.attacks import FGSM, MIM, PGD, SignGradientAttack, check_adversarial, cross_entropy_loss, parse_eps
+from frep_lightning.checks import check_choice
 
 log = logging.getLogger("frep_lightning")
 
@@ -112,8 +113,7 @@ class WhiteBoxAttack(EvalAttack):
     def __init__(self, attack: SignGradientAttack, name: str = "pgd", restarts: int = 1, precision: str = "fp32"):
         if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
             raise ValueError(f"restarts={restarts!r} must be an integer >= 1")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision={precision!r} is not valid; allowed values: {', '.join(PRECISIONS)}")
+        check_choice("precision", precision, PRECISIONS)
         self.attack = attack
         self.name = name
         self.eps = attack.eps
@@ -224,8 +224,7 @@ class AutoAttackEval(EvalAttack):
     ) -> None:
         self.name = "aa"
         self.eps = parse_eps(eps, "eps")
-        if version not in AA_VERSIONS:
-            raise ValueError(f"aa.version={version!r} is not valid; allowed values: {', '.join(AA_VERSIONS)}")
+        check_choice("aa.version", version, AA_VERSIONS)
         if (version == "custom") != (components is not None):
             raise ValueError(
                 "aa.components must be given exactly when aa.version=custom (a list of AutoAttack attacks)"

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from frep_lightning.attacks import SignGradientAttack
+from frep_lightning.checks import check_choice
 from frep_lightning.module import FReP
 from frep_lightning.objectives import Objective
 
@@ -58,11 +59,6 @@ SGD_IMPLS = ("auto", "fused", "foreach")
 
 # index of each running sum in FastStep.sums
 _LOSS, _CORRECT_ADV, _CORRECT_CLEAN, _COUNT, _NONFINITE = range(5)
-
-
-def _check_choice(key: str, value: Any, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{key}={value!r} is not valid; allowed values: {', '.join(allowed)}")
 
 
 def _check_compile_model(compile_model: bool, capture: str, cache_weights: bool) -> None:
@@ -185,10 +181,10 @@ class FastStep:
         warmup_steps: int = 3,
         memory_format: torch.memory_format = torch.contiguous_format,
     ) -> None:
-        _check_choice("fast.capture", capture, CAPTURES)
+        check_choice("fast.capture", capture, CAPTURES)
         _check_compile_model(compile_model, capture, cache_weights)
-        _check_choice("fast.precision", precision, PRECISIONS)
-        _check_choice("fast.sgd", sgd, SGD_IMPLS)
+        check_choice("fast.precision", precision, PRECISIONS)
+        check_choice("fast.sgd", sgd, SGD_IMPLS)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
             raise ValueError(f"fast.warmup_steps={warmup_steps!r} must be an integer >= 1 (capture needs a warm-up)")
         if not isinstance(optimizer, torch.optim.SGD):
@@ -487,9 +483,9 @@ class FastFReP(FReP):
         cudnn_benchmark: bool = True,
         **kwargs: Any,
     ) -> None:
-        _check_choice("fast.capture", capture, CAPTURES)
-        _check_choice("fast.precision", precision, PRECISIONS)
-        _check_choice("fast.sgd", sgd, SGD_IMPLS)
+        check_choice("fast.capture", capture, CAPTURES)
+        check_choice("fast.precision", precision, PRECISIONS)
+        check_choice("fast.sgd", sgd, SGD_IMPLS)
         for key, flag in (
             ("channels_last", channels_last),
             ("cache_weights", cache_weights),

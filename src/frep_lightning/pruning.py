@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
+from frep_lightning.checks import check_choice
 from frep_lightning.reparam import add_masks_, factor_masks, factors, iter_masked, select_layers
 
 MODES = ("unstructured", "structured")
@@ -187,8 +188,7 @@ class RobustPruning(Callback):
             raise ValueError(f"pruning.sparsity={sparsity!r} must be in [0, 1)")
         if not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"pruning.epoch={epoch!r} must be an integer >= 0")
-        if mode not in MODES:
-            raise ValueError(f"pruning.mode={mode!r} is not valid; allowed values: {', '.join(MODES)}")
+        check_choice("pruning.mode", mode, MODES)
         self.sparsity = float(sparsity)
         self.epoch = epoch
         self.mode = mode

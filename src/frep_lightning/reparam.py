@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from frep_lightning.checks import check_choice
+
 KINDS = ("hadamard", "channel", "none")
 INITS = ("random", "equal", "ones")
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
@@ -74,11 +76,6 @@ class Channel(MaskedWeight):
 
 
 _PARAMETRIZATIONS: dict[str, type[MaskedWeight]] = {"hadamard": Hadamard, "channel": Channel, "none": Plain}
-
-
-def _check_choice(value: str, allowed: Sequence[str], key: str) -> None:
-    if value not in allowed:
-        raise ValueError(f"{key}={value!r} is not valid; allowed values: {', '.join(allowed)}")
 
 
 def select_layers(
@@ -164,8 +161,8 @@ def reparameterize_(
 
     Layers already parametrized by frep are left alone, so the call is idempotent.
     """
-    _check_choice(kind, KINDS, "reparam.kind")
-    _check_choice(init, INITS, "reparam.init")
+    check_choice("reparam.kind", kind, KINDS)
+    check_choice("reparam.init", init, INITS)
     layers = [(n, m) for n, m in select_layers(model, include, exclude) if weight_parametrization(m) is None]
     if not layers and not list(iter_masked(model)):
         raise ValueError(
