@@ -701,36 +701,44 @@ def write_report(paths: Sequence[str | Path], out: str | Path, title: str = "fre
     if warnings:
         lines += ["", "### Evaluation warnings", ""] + [f"- `{name}`: {w}" for name, w in warnings]
 
-    missing_figures: list[str] = []
-    missing_files: list[str] = []
     lines += ["", "## Figures", ""]
     fig8 = figure_robust_vs_sparsity(runs, out)
-    if fig8:
-        lines += ["Fig. 8: robust accuracy vs sparsity per method.", "", f"![Fig. 8]({fig8})", ""]
-    else:
-        missing_figures.append("Fig. 8 (robust accuracy vs sparsity): no finished run with a robust accuracy")
     fig7, no_model = figure_weight_histograms(runs, out)
-    missing_files += no_model
-    if fig7:
-        lines += ["Fig. 7: weight magnitudes of each method's exported model.", ""]
-        lines += [f"![Fig. 7]({name})" for name in fig7] + [""]
-    else:
-        missing_figures.append("Fig. 7 (weight histograms): no model.pt in any finished run")
     fig5, no_metrics = figure_training_curves(runs, out)
-    missing_files += no_metrics
-    if fig5:
-        lines += ["Fig. 5: robust accuracy and ensemble-vs-live output distance Δ (Eq. 14) along training.", ""]
-        lines += [f"![Fig. 5]({name})" for name in fig5] + [""]
-    else:
-        missing_figures.append("Fig. 5 (training curves): no metrics.csv (use logger=csv or logger=wandb)")
     fig6 = figure_square_queries(runs, out)
-    if fig6:
-        lines += ["Fig. 6: Square accuracy vs queries.", "", f"![Fig. 6]({fig6})", ""]
-    else:
-        missing_figures.append(
+    missing_files = no_model + no_metrics
+    missing_figures: list[str] = []
+    for number, caption, images, why_missing in (
+        (
+            "8",
+            "robust accuracy vs sparsity per method.",
+            [fig8] if fig8 else [],
+            "Fig. 8 (robust accuracy vs sparsity): no finished run with a robust accuracy",
+        ),
+        (
+            "7",
+            "weight magnitudes of each method's exported model.",
+            fig7,
+            "Fig. 7 (weight histograms): no model.pt in any finished run",
+        ),
+        (
+            "5",
+            "robust accuracy and ensemble-vs-live output distance Δ (Eq. 14) along training.",
+            fig5,
+            "Fig. 5 (training curves): no metrics.csv (use logger=csv or logger=wandb)",
+        ),
+        (
+            "6",
+            "Square accuracy vs queries.",
+            [fig6] if fig6 else [],
             "Fig. 6 (Square accuracy vs queries): no run with Square at several query budgets; per run: "
-            "frep-eval ckpt=<run> attacks=[square] queries=<N> output=<run>/eval_square_q<N>.json"
-        )
+            "frep-eval ckpt=<run> attacks=[square] queries=<N> output=<run>/eval_square_q<N>.json",
+        ),
+    ):
+        if images:
+            lines += [f"Fig. {number}: {caption}", "", *[f"![Fig. {number}]({name})" for name in images], ""]
+        else:
+            missing_figures.append(why_missing)
 
     lines += ["## Missing", ""]
     any_missing = False
