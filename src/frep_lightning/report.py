@@ -470,6 +470,14 @@ def _pyplot() -> Any:
     return plt
 
 
+def _save(fig: Any, path: Path) -> str:
+    """Lay out, write and close one figure; its file name, as report.md links it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path.name
+
+
 def robust_metric(runs: Sequence[Run]) -> str | None:
     """The strongest attack measured for the most runs (AA > PGD-50 > ...)."""
     best, best_count = None, 0
@@ -503,11 +511,7 @@ def figure_robust_vs_sparsity(runs: Sequence[Run], out: Path) -> str | None:
         ax.set_ylabel(f"{metric} accuracy (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "fig8_robust_vs_sparsity.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
+    return _save(fig, out / "fig8_robust_vs_sparsity.png")
 
 
 def weight_magnitudes(model_pt: Path) -> tuple[Any, float]:
@@ -559,11 +563,9 @@ def figure_weight_histograms(runs: Sequence[Run], out: Path) -> tuple[list[str],
                 ax.set_ylabel("density")
                 ax.set_title(f"{_pretty(model)} / {_pretty(dataset)}, target {target:.0%}")
                 ax.legend(fontsize=7)
-                fig.tight_layout()
-                path = out / f"fig7_weights_{dataset}_{model}_s{target:g}.png"
-                fig.savefig(path, dpi=110)
-                files.append(path.name)
-            plt.close(fig)
+                files.append(_save(fig, out / f"fig7_weights_{dataset}_{model}_s{target:g}.png"))
+            else:
+                plt.close(fig)
     return files, missing
 
 
@@ -633,11 +635,7 @@ def figure_training_curves(runs: Sequence[Run], out: Path) -> tuple[list[str], l
         if any_delta:
             ax_delta.legend(fontsize=6)
         fig.suptitle(f"{_pretty(model)} / {_pretty(dataset)}, target {target:.0%}")
-        fig.tight_layout()
-        path = out / f"fig5_training_{dataset}_{model}_s{target:g}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(path.name)
+        files.append(_save(fig, out / f"fig5_training_{dataset}_{model}_s{target:g}.png"))
     return files, missing
 
 
@@ -656,11 +654,7 @@ def figure_square_queries(runs: Sequence[Run], out: Path) -> str | None:
     ax.set_ylabel("Square accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path = out / "fig6_square_queries.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
+    return _save(fig, out / "fig6_square_queries.png")
 
 
 # -- report ------------------------------------------------------------------------------
