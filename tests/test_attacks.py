@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from frep_lightning.attacks import FGSM, MIM, PGD, SignGradientAttack, check_adversarial, cross_entropy_loss, parse_eps
+from frep_lightning.attacks import (
+    FGSM,
+    MIM,
+    PGD,
+    SignGradientAttack,
+    check_adversarial,
+    cross_entropy_loss,
+    frozen_bn_stats,
+    parse_eps,
+)
 from frep_lightning.objectives import SRE, CrossEntropyAT
 
 
@@ -50,14 +61,33 @@ def test_training_attack_leaves_running_stats_untouched() -> None:
     net = bn_net().train()
     bn = net[1]
     before = (bn.running_mean.clone(), bn.running_var.clone(), bn.num_batches_tracked.clone())
+    versions = [b._version for b in net.buffers()]
     x, y = torch.rand(8, 3, 8, 8), torch.randint(0, 10, (8,))
     FGSM(bn="train").perturb(net, x, cross_entropy_loss(y))
     PGD(steps=3, bn="eval").perturb(net, x, cross_entropy_loss(y))
     assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
     assert torch.equal(bn.num_batches_tracked, before[2])
-    assert net.training and bn.momentum == 0.1
+    # not even rewritten with the same values: a concurrent training forward (fast.streams=2) may update them
+    assert [b._version for b in net.buffers()] == versions
+    assert net.training and bn.momentum == 0.1 and bn.track_running_stats
     net(x)  # a normal training forward still updates them
     assert not torch.equal(bn.running_mean, before[0])
+
+
+def test_frozen_bn_stats_normalises_by_the_batch() -> None:
+    """The attack's forward in training mode uses the batch's own statistics (what the loss then trains)."""
+    torch.manual_seed(0)
+    net = bn_net().train()
+    with torch.no_grad():
+        net[1].running_mean.fill_(5.0)  # far from the batch's: using them would change the output
+    x = torch.rand(8, 3, 8, 8)
+    with torch.no_grad(), frozen_bn_stats(net):
+        frozen = net(x)
+    reference = copy.deepcopy(net)
+    with torch.no_grad():
+        live = reference(x)  # batch statistics, running ones updated in the copy
+    assert torch.equal(frozen, live)
+    assert torch.equal(net[1].running_mean, torch.full_like(net[1].running_mean, 5.0))
 
 
 def test_attack_does_not_accumulate_parameter_gradients() -> None:

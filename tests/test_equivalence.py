@@ -474,7 +474,7 @@ def test_bf16_channels_last_step_runs_eagerly_and_keeps_layouts() -> None:
 def test_compiled_model_matches_eager() -> None:
     """fast.compile_model: FastStep's compiled view of a reparameterized model gives the eager outputs, input
     and factor gradients, and BatchNorm running statistics, in training mode and with the attack's frozen
-    statistics (momentum 0: a recompiled variant), to float rounding; and it shares the model's tensors."""
+    statistics (track_running_stats off: a recompiled variant), to float rounding; and it shares the model's tensors."""
     torch.manual_seed(0)
     module = FReP(build_model("resnet18", width=4))
     reference = copy.deepcopy(module.model)

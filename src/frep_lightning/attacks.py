@@ -56,19 +56,24 @@ def check_adversarial(x_adv: Tensor, x: Tensor, eps: float, tol: float = 1e-6) -
 
 @contextmanager
 def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
-    """Batch statistics in forward, but running statistics left untouched."""
-    saved = []
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
-            saved.append((m, m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()))
-            m.momentum = 0.0
+    """Batch statistics in forward, running statistics neither read nor written.
+
+    ``track_running_stats=False`` in training mode is exactly that in ``_BatchNorm.forward``: the
+    batch is normalised by its own statistics and no running buffer (nor ``num_batches_tracked``)
+    is touched, so this forward may run on another CUDA stream alongside a training forward that
+    does update them (``fast.streams=2``) without a write race."""
+    saved = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
+    for m in saved:
+        m.track_running_stats = False
     try:
         yield
     finally:
-        for m, momentum, nbt in saved:
-            m.momentum = momentum
-            if nbt is not None:
-                m.num_batches_tracked.copy_(nbt)
+        for m in saved:
+            m.track_running_stats = True
 
 
 @contextmanager
