@@ -11,11 +11,14 @@ images/s of these modes (a mode that does not apply to a method is not run):
   fast-bf16     captured, bf16 autocast + channels_last
   fast-bf16-cw  captured, bf16 + channels_last + fast.cache_weights (W1*W2 once per step)
   fast-bf16-cm  captured, bf16 + channels_last + fast.compile_model (inductor kernels inside the graph)
+  fast-bf16-s2  captured, bf16 + channels_last + fast.streams=2 (clean forward on a second stream)
+  fast-bf16-cm-s2  both of the last two
   compile-bf16  torch.compile(mode="reduce-overhead") instead of the manual capture
   pl-eager      FReP inside a Lightning Trainer (automatic optimization), GPU-resident batches
                 (DeviceBatches), RobustPruning (99 %, at epoch 0) and TemporalEnsemble callbacks
   pl-fast-bf16  FastFReP inside the same Trainer, data and callbacks: the number the issue targets
-  pl-fast-bf16-cm  the same with fast.compile_model (the modes that compile run last, with --compile)
+  pl-fast-bf16-cw, -s2, -cm, -cm-s2  the same with those options (the modes that compile run last,
+                with --compile); the Lightning target takes the fastest pl-fast row
 
 natural and pgd10 train the plain weights (with the pruning-mask parametrization, as "Ori" does).
 Timing: CUDA events around the timed loop only (one synchronisation before and after), after
@@ -24,7 +27,8 @@ that fails (capture error, OOM, compile error) prints the error and gets a line 
 
 --check (on by default on CUDA): the captured step against the plain eager step from the same
 weights and RNG state, through a pruning event and an LR drop (cuDNN deterministic): the weight
-difference, and whether pruned weights stayed exactly zero.
+difference, and whether pruned weights stayed exactly zero; also the two-stream captured step
+(fast.streams=2) against the one-stream eager step.
 
 --e2e: ``experiment=paper_resnet18_c10`` end to end through ``frep_lightning.train.run`` (needs
 hydra), with --epochs E (pruning epoch and LR milestones scaled from 30/70/85 of 100), split into
@@ -83,21 +87,47 @@ MODES = (
     "fast-fp32",
     "fast-bf16",
     "fast-bf16-cw",
+    "fast-bf16-s2",
     "fast-bf16-cm",
+    "fast-bf16-cm-s2",
     "compile-bf16",
     "pl-eager",
     "pl-fast-bf16",
+    "pl-fast-bf16-cw",
+    "pl-fast-bf16-s2",
     "pl-fast-bf16-cm",
+    "pl-fast-bf16-cm-s2",
 )
-COMPILED_MODEL = ("fast-bf16-cm", "pl-fast-bf16-cm")  # fast.compile_model
+COMPILED_MODEL = tuple(m for m in MODES if "cm" in m.split("-"))  # fast.compile_model
 COMPILING = ("compile-bf16", *COMPILED_MODEL)  # run last, only with --compile
 DEFAULT_MODES = {
-    "frep": ("eager", "fast-fp32", "fast-bf16", "pl-fast-bf16", "pl-eager", "fast-bf16-cw", "pl-fast-bf16-cm"),
+    "frep": (
+        "eager",
+        "fast-fp32",
+        "fast-bf16",
+        "pl-fast-bf16",
+        "pl-eager",
+        "fast-bf16-cw",
+        "fast-bf16-s2",
+        "pl-fast-bf16-s2",
+        "pl-fast-bf16-cm",
+    ),
     "natural": ("eager", "fast-fp32", "fast-bf16"),
     "pgd10": ("eager", "fast-fp32", "fast-bf16"),
 }
 REDUCED_MODES = {"frep": ("eager", "fast-fp32", "pl-fast-bf16"), "natural": ("eager", "fast-fp32"), "pgd10": ("eager",)}
 EPS = 8 / 255
+
+
+def fast_options(mode: str) -> dict[str, Any]:
+    """The FastStep options a fast mode's name spells: bf16 (with channels_last), -cw, -cm, -s2."""
+    tokens = mode.split("-")
+    return {
+        "precision": "bf16" if "bf16" in tokens else "fp32",
+        "cache_weights": "cw" in tokens,
+        "compile_model": "cm" in tokens,
+        "streams": 2 if "s2" in tokens else 1,
+    }
 
 
 # ---- methods ----------------------------------------------------------------------------------
@@ -280,9 +310,7 @@ class Bench:
             module.attack,
             optimizer,
             capture=capture,
-            precision="bf16" if bf16 else "fp32",
-            cache_weights=mode.endswith("-cw"),
-            compile_model=mode.endswith("-cm"),
+            **fast_options(mode),
             warmup_steps=max(1, min(3, warmup - 1)),
             memory_format=torch.channels_last if bf16 else torch.contiguous_format,
         )
@@ -293,9 +321,7 @@ class Bench:
         return ms, n, step.describe()
 
     def _lightning(self, model: str, bs: int, method: str, mode: str) -> tuple[float, int, str]:
-        fast = None if mode == "pl-eager" else {"capture": "cuda_graph", "precision": "bf16", "channels_last": True}
-        if fast is not None and mode.endswith("-cm"):
-            fast["compile_model"] = True
+        fast = None if mode == "pl-eager" else {"capture": "cuda_graph", "channels_last": True, **fast_options(mode)}
         module = make_module(method, model, self.width(), torch.device("cpu"), fast)
         bare = self.find(model, bs, method, "fast-bf16" if fast else "eager")
         steps = bare.steps if bare is not None else self.args.steps
@@ -349,7 +375,7 @@ class Bench:
         """The issue's targets, from the rows measured (model/bs: the first of each list)."""
         model, bs = self.args.models[0], self.args.batch_sizes[0]
         # the faster Lightning fast path (with or without the compiled model) is the one a user would pick
-        pl_candidates = [self.find(model, bs, "frep", m) for m in ("pl-fast-bf16", "pl-fast-bf16-cm")]
+        pl_candidates = [self.find(model, bs, "frep", m) for m in MODES if m.startswith("pl-fast")]
         pl_timed = [r for r in pl_candidates if r is not None and r.ms]
         pl_fast = min(pl_timed, key=lambda r: r.ms) if pl_timed else None
         fast = self.find(model, bs, "frep", "fast-bf16")
@@ -479,14 +505,16 @@ def capture_check(device: torch.device, model: str, width: int | None, bs: int, 
     try:
         batches = synthetic_batches(bs, 4, device, seed=1)
         passed = True
-        for random_start in (False, True):
+        for random_start, streams in ((False, 1), (True, 1), (False, 2)):
             ref = make_module("frep", model, width, device)
             ref.attack.random_start = random_start
             fast = copy.deepcopy(ref)
             opt_ref, opt_fast = make_optimizer(ref), make_optimizer(fast)
             kw: dict[str, Any] = {"sgd": "foreach", "warmup_steps": 3}
             ref_step = FastStep(ref.model, ref.objective, ref.attack, opt_ref, capture="none", **kw)
-            step = FastStep(fast.model, fast.objective, fast.attack, opt_fast, capture="cuda_graph", **kw)
+            step = FastStep(
+                fast.model, fast.objective, fast.attack, opt_fast, capture="cuda_graph", streams=streams, **kw
+            )
             for one_step, module, opt in ((ref_step.eager_reference, ref, opt_ref), (step, fast, opt_fast)):
                 torch.manual_seed(123)  # every device's generator
                 for i in range(steps):
@@ -507,7 +535,9 @@ def capture_check(device: torch.device, model: str, width: int | None, bs: int, 
                 for _, layer, p in iter_masked(fast.model):
                     nonzero += int((layer.weight[p.mask == 0] != 0).sum())
             sums_equal = torch.equal(step.sums, ref_step.sums)
-            tag = "with random start" if random_start else "without random start"
+            tag = ("with random start" if random_start else "without random start") + (
+                ", 2 streams vs 1" if streams == 2 else ""
+            )
             out[f"{tag}: max relative |W_replay - W_eager|"] = f"{rel:.3g} (max abs {max(d for d, _ in diffs):.3g})"
             out[f"{tag}: loss/accuracy sums identical"] = sums_equal
             out[f"{tag}: pruned weights not zero after replays"] = nonzero
@@ -515,7 +545,8 @@ def capture_check(device: torch.device, model: str, width: int | None, bs: int, 
             out[f"{tag}: what ran"] = step.describe()
             if not random_start:
                 captures = 1 if device.type == "cuda" else 0  # off CUDA both sides run eagerly (tests)
-                passed = rel < 1e-4 and nonzero == 0 and step.captures == captures and step.fallback is None
+                ok = rel < 1e-4 and nonzero == 0 and step.captures == captures and step.fallback is None
+                passed = passed and ok
             else:
                 out["RNG: replays reproduce the eager random starts"] = rel < 1e-4
         out["result"] = "PASS" if passed else "FAIL"

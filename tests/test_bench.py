@@ -136,3 +136,23 @@ def test_compiling_modes_run_last_and_only_with_compile(bench: ModuleType) -> No
         (8, "pl-fast-bf16-cm"),
         (16, "pl-fast-bf16-cm"),
     ]
+
+
+def test_mode_names_spell_their_fast_options(bench: ModuleType) -> None:
+    """Each fast mode runs the options its name says (a typo'd suffix would silently time the base mode)."""
+    assert bench.fast_options("fast-fp32") == {
+        "precision": "fp32",
+        "cache_weights": False,
+        "compile_model": False,
+        "streams": 1,
+    }
+    assert bench.fast_options("pl-fast-bf16-cm-s2") == {
+        "precision": "bf16",
+        "cache_weights": False,
+        "compile_model": True,
+        "streams": 2,
+    }
+    assert bench.fast_options("fast-bf16-cw")["cache_weights"] is True
+    for mode in bench.MODES:  # every suffix of every mode is one the parser knows
+        assert set(mode.split("-")) <= {"pl", "fast", "eager", "compile", "fp32", "bf16", "cw", "cm", "s2"}, mode
+    assert set(bench.COMPILED_MODEL) == {m for m in bench.MODES if "-cm" in m}

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from frep_lightning.attacks import frozen_bn_stats
+from frep_lightning.attacks import SignGradientAttack, frozen_bn_stats
 from frep_lightning.data.augment import to_float
 from frep_lightning.data.datamodule import ImageClassificationData
 from frep_lightning.data.device_data import DeviceBatches
@@ -36,7 +36,7 @@ from frep_lightning.fast import FastFReP, FastStep, sgd_update_
 from frep_lightning.models import build_model
 from frep_lightning.module import FReP
 from frep_lightning.objectives import SRE
-from frep_lightning.pruning import RobustPruning
+from frep_lightning.pruning import RobustPruning, apply_masks_, compute_masks
 from frep_lightning.reparam import iter_masked
 from helpers import quiet_trainer
 
@@ -393,6 +393,7 @@ def test_fast_config_builds_fast_module_and_device_data() -> None:
         "sgd": "foreach",
         "cache_weights": False,
         "compile_model": False,
+        "streams": 1,
         "warmup_steps": 3,
     }
     conv = next(p for p in module.model.parameters() if p.dim() == 4)
@@ -411,6 +412,10 @@ def test_fast_config_builds_fast_module_and_device_data() -> None:
         ({"compile_model": 1}, "fast.compile_model"),
         ({"compile_model": True, "capture": "compile"}, "fast.compile_model=true with fast.capture=compile"),
         ({"compile_model": True, "cache_weights": True}, "fast.compile_model=true and fast.cache_weights=true"),
+        ({"streams": 3}, "fast.streams"),
+        ({"streams": True}, "fast.streams"),
+        ({"streams": 2, "cache_weights": True}, "fast.streams=2 and fast.cache_weights=true"),
+        ({"streams": 2, "attack": SignGradientAttack(bn="eval")}, "fast.streams=2 needs method.attack.bn=train"),
     ],
 )
 def test_fast_options_are_validated(kwargs: dict[str, Any], key: str) -> None:
@@ -421,10 +426,47 @@ def test_fast_options_are_validated(kwargs: dict[str, Any], key: str) -> None:
 def test_fast_step_refuses_what_it_does_not_implement() -> None:
     model = build_model("resnet18", width=4)
     module = FReP(model)
+    with pytest.raises(ValueError, match=r"method\.attack\.bn=train"):
+        sgd = torch.optim.SGD(module.parameters())
+        FastStep(module.model, module.objective, SignGradientAttack(bn="eval"), sgd, streams=2)
     with pytest.raises(TypeError, match="torch.optim.SGD"):
         FastStep(module.model, module.objective, module.attack, torch.optim.Adam(module.parameters()))
     with pytest.raises(ValueError, match="dampening"):
         FastStep(module.model, module.objective, module.attack, torch.optim.SGD(module.parameters(), 0.1, 0.9, 0.5))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_two_stream_captured_step_equals_one_stream_eager_step() -> None:
+    """fast.streams=2 moves the clean forward (and its backward) to a second stream; it must not change a
+    single number: replays of the two-stream graph, through a pruning event, give the weights, BN statistics
+    and loss sums of the one-stream eager step (cuDNN deterministic; same CUDA RNG stream)."""
+    flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        torch.manual_seed(0)
+        ref = FReP(build_model("resnet18", width=8)).cuda()
+        two = copy.deepcopy(ref)
+        g = torch.Generator().manual_seed(1)
+        batches = [(torch.rand(32, 3, 32, 32, generator=g).cuda(), torch.randint(0, 10, (32,), generator=g).cuda())]
+        batches.append((batches[0][0].flip(3), batches[0][1]))
+        steps = []
+        for module, capture, streams in ((ref, "none", 1), (two, "cuda_graph", 2)):
+            opt = module.configure_optimizers()["optimizer"]
+            kw: dict[str, Any] = {"capture": capture, "streams": streams, "sgd": "foreach"}
+            step = FastStep(module.model, module.objective, module.attack, opt, **kw)
+            torch.manual_seed(123)
+            for i in range(8):
+                if i == 4:
+                    apply_masks_(module.model, compute_masks(module.model, 0.9), [opt])
+                (step.eager_reference if capture == "none" else step)(*batches[i % 2])
+            torch.cuda.synchronize()
+            steps.append(step)
+        assert "2 streams" in steps[1].describe() and steps[1].captures == 1 and steps[1].fallback is None
+        for (name, a), (_, b) in zip(two.model.state_dict().items(), ref.model.state_dict().items(), strict=True):
+            assert torch.equal(a, b), name
+        assert torch.equal(steps[1].sums, steps[0].sums)
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
 
 
 class _NaNObjective(SRE):

@@ -74,6 +74,21 @@ def _check_compile_model(compile_model: bool, capture: str, cache_weights: bool)
         )
 
 
+def _check_streams(streams: int, cache_weights: bool, attack: SignGradientAttack | None = None) -> None:
+    if isinstance(streams, bool) or streams not in (1, 2):
+        raise ValueError(f"fast.streams={streams!r} must be 1 or 2")
+    if streams == 2 and cache_weights:
+        raise ValueError(
+            "fast.streams=2 and fast.cache_weights=true: pick one (a cached W1*W2*mask made on one stream would be "
+            "read on the other before it is written)"
+        )
+    if streams == 2 and attack is not None and getattr(attack, "bn", "train") != "train":
+        raise ValueError(
+            f"fast.streams=2 needs method.attack.bn=train (got {attack.bn!r}): with bn=eval the attack's forward "
+            "reads the BatchNorm running statistics that the concurrent clean forward updates"
+        )
+
+
 @torch.no_grad()
 def sgd_update_(
     params: list[Tensor],
@@ -162,6 +177,12 @@ class FastStep:
             (inductor, its default mode: no CUDA graphs of its own), so that BatchNorm/ReLU/residual
             adds and the W1·W2·mask products become fused kernels; with ``capture=cuda_graph`` the whole
             step, compiled kernels included, is then captured as before. Rounding-level change only.
+        streams: 2 runs the clean forward on a second CUDA stream, alongside the attack's forward (which
+            does not need the clean output until its loss), so that in the captured graph the two bs-sized
+            forwards, and later the backwards of the clean and adversarial branches, can fill the GPU together.
+            The same operations in the same order per stream: no numerical change (the attack's forward
+            touches no BatchNorm running statistics, :func:`~frep_lightning.attacks.frozen_bn_stats`).
+            Off CUDA, or for an objective without a clean forward, 1 stream.
         warmup_steps: eager steps (real training steps) per batch shape before capturing.
         memory_format: layout the inputs are given (``torch.channels_last`` with a channels-last model).
     """
@@ -178,11 +199,13 @@ class FastStep:
         sgd: str = "auto",
         cache_weights: bool = False,
         compile_model: bool = False,
+        streams: int = 1,
         warmup_steps: int = 3,
         memory_format: torch.memory_format = torch.contiguous_format,
     ) -> None:
         check_choice("fast.capture", capture, CAPTURES)
         _check_compile_model(compile_model, capture, cache_weights)
+        _check_streams(streams, cache_weights, attack)
         check_choice("fast.precision", precision, PRECISIONS)
         check_choice("fast.sgd", sgd, SGD_IMPLS)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
@@ -212,6 +235,11 @@ class FastStep:
         # The forwards go through ``net``: the model itself, or a compiled view of it sharing its parameters,
         # buffers and modules (nothing outside the step sees the compiled wrapper).
         self.net: nn.Module = torch.compile(model, dynamic=False) if compile_model else model  # type: ignore[assignment]
+        self.streams = streams
+        # the clean forward's stream (fast.streams=2), made once: a captured graph refers to it
+        self._aux: torch.cuda.Stream | None = None
+        if streams == 2 and self.cuda and objective.uses_clean:
+            self._aux = torch.cuda.Stream(device=self.device)
         self.warmup_steps = warmup_steps
         self.memory_format = memory_format
         self.sums = torch.zeros(5, device=self.device)
@@ -290,15 +318,32 @@ class FastStep:
 
     def body(self, x: Tensor, y: Tensor, lrs: Sequence[float | Tensor]) -> None:
         """FReP.training_step + SGD: everything that one captured replay does."""
-        model, objective = self.net, self.objective
+        model, objective, aux = self.net, self.objective, self._aux
         with self._autocast(), self._weights():
-            logits_clean = model(x) if objective.uses_clean else None
-            reference = None if logits_clean is None else logits_clean.detach()
-            x_adv = self.attack.perturb(model, x, lambda out: objective.attack_loss(out, reference, y))
+            if aux is None:
+                logits_clean = model(x) if objective.uses_clean else None
+                reference = None if logits_clean is None else logits_clean.detach()
+                x_adv = self.attack.perturb(model, x, lambda out: objective.attack_loss(out, reference, y))
+            else:
+                main = torch.cuda.current_stream(self.device)
+                aux.wait_stream(main)  # fork: x and the weights are ready
+                with torch.cuda.stream(aux):
+                    logits_clean = model(x)  # updates the BN running statistics; its backward runs on aux too
+                reference = logits_clean.detach()
+
+                def attack_loss(out: Tensor) -> Tensor:
+                    main.wait_stream(aux)  # the attack's forward ran alongside; now the reference is needed
+                    return objective.attack_loss(out, reference, y)
+
+                x_adv = self.attack.perturb(model, x, attack_loss)
             logits_adv = model(x_adv)
             loss = objective(logits_clean, logits_adv, y)
         flat = [p for g in self._groups for p in g.params]
         grads = torch.autograd.grad(loss, flat, allow_unused=True)
+        if aux is not None:
+            # join (capture requires it; autograd already synced the gradients): every aux tensor is then
+            # done before the update, and the next step's fork waits for this step's main-stream work
+            torch.cuda.current_stream(self.device).wait_stream(aux)
         start = 0
         for group, lr in zip(self._groups, lrs, strict=True):
             gs = grads[start : start + len(group.params)]
@@ -445,6 +490,8 @@ class FastStep:
             parts.append("cached W")
         if self.compile_model:
             parts.append("compiled model")
+        if self._aux is not None:
+            parts.append("2 streams")
         if self.fallback:
             parts.append(f"fallback: {self.fallback}")
         return ", ".join(parts)
@@ -464,9 +511,9 @@ class FastFReP(FReP):
     """:class:`~frep_lightning.module.FReP` whose training step is captured (see the module docstring).
 
     Extra args (config ``fast.*``): ``capture``, ``precision``, ``channels_last`` (model and inputs
-    in NHWC, the layout bf16 convolutions want), ``sgd``, ``cache_weights``, ``warmup_steps``
-    (:class:`FastStep`) and ``cudnn_benchmark`` (let cuDNN pick convolution algorithms during
-    warm-up; ignored with a deterministic trainer).
+    in NHWC, the layout bf16 convolutions want), ``sgd``, ``cache_weights``, ``compile_model``,
+    ``streams``, ``warmup_steps`` (:class:`FastStep`) and ``cudnn_benchmark`` (let cuDNN pick
+    convolution algorithms during warm-up; ignored with a deterministic trainer).
     """
 
     def __init__(
@@ -479,6 +526,7 @@ class FastFReP(FReP):
         sgd: str = "auto",
         cache_weights: bool = False,
         compile_model: bool = False,
+        streams: int = 1,
         warmup_steps: int = 3,
         cudnn_benchmark: bool = True,
         **kwargs: Any,
@@ -495,9 +543,11 @@ class FastFReP(FReP):
             if not isinstance(flag, bool):
                 raise ValueError(f"fast.{key} must be true or false, got {flag!r}")
         _check_compile_model(compile_model, capture, cache_weights)
+        _check_streams(streams, cache_weights)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
             raise ValueError(f"fast.warmup_steps={warmup_steps!r} must be an integer >= 1 (capture needs a warm-up)")
         super().__init__(model, *args, **kwargs)
+        _check_streams(streams, cache_weights, self.attack)
         self.automatic_optimization = False
         self.fast_options = {
             "capture": capture,
@@ -505,6 +555,7 @@ class FastFReP(FReP):
             "sgd": sgd,
             "cache_weights": cache_weights,
             "compile_model": compile_model,
+            "streams": streams,
             "warmup_steps": warmup_steps,
         }
         self.channels_last = channels_last
@@ -600,7 +651,7 @@ class FastFReP(FReP):
 
 def iter_fast_options(cfg: Any) -> Iterator[tuple[str, Any]]:
     """``(key, value)`` of a ``fast:`` config block that FastFReP takes (``enabled`` excluded)."""
-    keys = ("capture", "precision", "channels_last", "sgd", "cache_weights", "compile_model", "warmup_steps")
+    keys = ("capture", "precision", "channels_last", "sgd", "cache_weights", "compile_model", "streams", "warmup_steps")
     for key in (*keys, "cudnn_benchmark"):
         if key in cfg and cfg[key] is not None:
             yield key, cfg[key]
