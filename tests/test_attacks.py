@@ -134,3 +134,43 @@ def test_overfitting_monitor_warns_on_collapse() -> None:
     with pytest.warns(UserWarning, match="CATASTROPHIC OVERFITTING"):
         assert mon.observe(0.02, 3)
     assert mon.collapsed_epochs == [3] and mon.best == 0.30
+
+
+class _AutocastRecorder(nn.Module):
+    """A tiny classifier that records, per forward, whether autocast was on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+        self.autocast: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.autocast.append(torch.is_autocast_enabled(x.device.type))
+        return self.net(x)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_per_epoch_attacks_are_crafted_in_their_precision_and_scored_in_fp32(precision: str) -> None:
+    """val_attack_precision / monitor.precision: the attack's forwards (2 PGD steps) run under bf16 autocast
+    when asked; the accuracy forwards (clean, adversarial) never do, so a reported accuracy is an fp32 one."""
+    from types import SimpleNamespace
+
+    from frep_lightning.module import FReP
+    from frep_lightning.monitor import RobustnessMonitor
+
+    recorder = _AutocastRecorder()
+    module = FReP(recorder, val_attack_steps=2, val_attack_precision=precision)
+    module.log = lambda *args, **kwargs: None  # type: ignore[method-assign]  # no trainer here
+    x, y = torch.rand(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    module.eval()
+    module.validation_step((x, y), 0)
+    attack = precision == "bf16"
+    assert recorder.autocast == [False, attack, attack, False]  # clean, PGD step 1, PGD step 2, adversarial
+
+    recorder.autocast.clear()
+    monitor = RobustnessMonitor(n_images=4, steps=2, batch_size=4, precision=precision)
+    datamodule = SimpleNamespace(train_subset_loader=lambda n, bs: [(x, y)])
+    monitor.on_train_epoch_end(SimpleNamespace(datamodule=datamodule, current_epoch=0), module)  # type: ignore[arg-type]
+    assert recorder.autocast == [attack, attack, False]  # PGD step 1, step 2, the scoring forward
+    with pytest.raises(ValueError, match="val_attack_precision"):
+        FReP(_AutocastRecorder(), val_attack_precision="fp16")

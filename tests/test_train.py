@@ -38,6 +38,25 @@ def test_every_experiment_composes_validates_and_builds(experiment: str, tmp_pat
     assert any(type(cb).__name__ == "RobustPruning" for cb in callbacks)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "module_precision", "monitor_precision"),
+    [
+        ((), "fp32", "fp32"),
+        (("val_attack_precision=bf16",), "bf16", "bf16"),  # the monitor follows unless told otherwise
+        (("val_attack_precision=bf16", "monitor.precision=fp32"), "bf16", "fp32"),
+    ],
+)
+def test_per_epoch_attack_precision_reaches_module_and_monitor(
+    overrides: tuple[str, ...], module_precision: str, monitor_precision: str, tmp_path: Path
+) -> None:
+    cfg = cfg_for("model.width=4", *overrides)
+    validate_train_config(cfg)
+    assert build_module(cfg).hparams.val_attack_precision == module_precision
+    callbacks, _ = build_callbacks(cfg, tmp_path)
+    (monitor,) = [cb for cb in callbacks if type(cb).__name__ == "RobustnessMonitor"]
+    assert monitor.precision == monitor_precision
+
+
 @pytest.mark.parametrize("group", ["method", "pruning", "ensemble", "data", "logger", "trainer"])
 def test_every_group_option_instantiates(group: str, tmp_path: Path) -> None:
     for option in group_options(group):

@@ -90,6 +90,8 @@ BAD = [
     ("optim.gamma", 0.0, "must be in (0, 1]"),
     ("seed", -1, "must be an integer >= 0"),
     ("val_attack_steps", -1, "must be an integer >= 0"),
+    ("val_attack_precision", "fp16", "allowed values: fp32, bf16"),
+    ("monitor.precision", "half", "allowed values: fp32, bf16"),
     ("checkpoint.every_n_train_steps", 0, "must be an integer > 0 or null"),
     ("ckpt_path", "/no/such/last.ckpt", "must be an existing checkpoint file"),
     ("monitor.collapse_ratio", 1.5, "must be in (0, 1)"),

@@ -13,9 +13,11 @@ attacks always run with the model in eval mode.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from fractions import Fraction
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +26,7 @@ from frep_lightning.checks import check_choice
 
 LossFn = Callable[[Tensor], Tensor]
 BN_MODES = ("train", "eval")
+PRECISIONS = ("fp32", "bf16")
 
 
 def parse_eps(value: float | int | str, key: str = "attack.eps") -> float:
@@ -74,6 +77,15 @@ def frozen_bn_stats(model: nn.Module) -> Iterator[None]:
     finally:
         for m in saved:
             m.track_running_stats = True
+
+
+def attack_precision(precision: str, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """Autocast for crafting an evaluation attack: ``bf16`` runs the attack's forwards/backwards in
+    bfloat16 (x1.4 faster on an H100, PGD-50 agreeing with fp32 to 0.03 pts on 10k images,
+    experiments/results/2026-11-27-eval-speed-h100.md); the accuracy forward stays outside, in fp32."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 @contextmanager

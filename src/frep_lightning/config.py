@@ -20,6 +20,7 @@ from typing import Any
 
 from omegaconf import Container, DictConfig, OmegaConf
 
+from frep_lightning.attacks import PRECISIONS as ATTACK_PRECISIONS
 from frep_lightning.attacks import parse_eps
 
 DATASETS = {"cifar10": 10, "cifar100": 100, "svhn": 10}
@@ -176,6 +177,7 @@ RULES: list[Rule] = [
     _rule("checkpoint.every_n_train_steps", _int_at_least(1), _POS_INT + " or null (null: at every epoch end)",
           nullable=True),
     _rule("val_attack_steps", _int_at_least(0), _NONNEG_INT),
+    _rule("val_attack_precision", _one_of(ATTACK_PRECISIONS)),
     # data
     _rule("data.name", _one_of(list(DATASETS)), required=True),
     _rule("data.format", _one_of(DATA_FORMATS)),
@@ -236,6 +238,7 @@ RULES: list[Rule] = [
     _rule("monitor.steps", _int_at_least(1), _POS_INT, group="monitor"),
     _rule("monitor.collapse_ratio", _between(0, 1, True, True), "must be in (0, 1)", group="monitor"),
     _rule("monitor.min_best", _between(0, 1, False, False), "must be in [0, 1]", group="monitor"),
+    _rule("monitor.precision", _one_of(ATTACK_PRECISIONS), nullable=True, group="monitor"),
 ]  # fmt: skip
 
 _ABSENT = object()

@@ -37,20 +37,29 @@ import re
 import time
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from frep_lightning.attacks import FGSM, MIM, PGD, SignGradientAttack, check_adversarial, cross_entropy_loss, parse_eps
+from frep_lightning.attacks import (
+    FGSM,
+    MIM,
+    PGD,
+    PRECISIONS,
+    SignGradientAttack,
+    attack_precision,
+    check_adversarial,
+    cross_entropy_loss,
+    parse_eps,
+)
 from frep_lightning.checks import check_choice
 
 log = logging.getLogger("frep_lightning")
 
 ATTACKS = ("clean", "fgsm", "pgd50", "mim50", "square", "aa")
-PRECISIONS = ("fp32", "bf16")
 AA_VERSIONS = ("standard", "plus", "custom")
 AA_COMPONENTS = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
 _ITERATIVE = re.compile(r"^(pgd|mim)([1-9][0-9]*)$")
@@ -132,16 +141,11 @@ class WhiteBoxAttack(EvalAttack):
             "precision": self.precision,
         }
 
-    def _autocast(self, device: torch.device) -> Any:
-        if self.precision == "bf16":
-            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        return nullcontext()
-
     def run(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
         x_adv = x.clone()
         todo = torch.arange(len(x), device=x.device)
         for _ in range(self.restarts):
-            with self._autocast(x.device):
+            with attack_precision(self.precision, x.device):
                 cand = self.attack.perturb(model, x[todo], cross_entropy_loss(y[todo]), generator=generator)
             x_adv[todo] = cand
             with torch.no_grad():

@@ -46,7 +46,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from frep_lightning.attacks import SignGradientAttack
+from frep_lightning.attacks import PRECISIONS, SignGradientAttack
 from frep_lightning.checks import check_choice
 from frep_lightning.module import FReP
 from frep_lightning.objectives import Objective
@@ -54,7 +54,6 @@ from frep_lightning.objectives import Objective
 log = logging.getLogger("frep_lightning")
 
 CAPTURES = ("cuda_graph", "compile", "none")
-PRECISIONS = ("fp32", "bf16")
 SGD_IMPLS = ("auto", "fused", "foreach")
 
 # index of each running sum in FastStep.sums

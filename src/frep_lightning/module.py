@@ -15,7 +15,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
-from frep_lightning.attacks import PGD, SignGradientAttack, cross_entropy_loss
+from frep_lightning.attacks import PGD, PRECISIONS, SignGradientAttack, attack_precision, cross_entropy_loss
+from frep_lightning.checks import check_choice
 from frep_lightning.objectives import SRE, Objective, accuracy
 from frep_lightning.reparam import reparameterize_
 
@@ -31,6 +32,8 @@ class FReP(pl.LightningModule):
         reparam_init: ``random``, ``equal`` or ``ones`` (paper Sec. IV-E).
         lr, momentum, weight_decay, milestones, gamma: SGD with step decay at epoch ``milestones``.
         val_attack_steps: PGD steps for per-epoch robust validation (0 disables it).
+        val_attack_precision: ``fp32`` or ``bf16``: precision the validation attack is crafted in
+            (:func:`~frep_lightning.attacks.attack_precision`; accuracies are always fp32 forwards).
         seed: seed of the reparameterization init.
     """
 
@@ -48,6 +51,7 @@ class FReP(pl.LightningModule):
         milestones: Sequence[int] = (70, 85),
         gamma: float = 0.1,
         val_attack_steps: int = 10,
+        val_attack_precision: str = "fp32",
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -61,6 +65,7 @@ class FReP(pl.LightningModule):
             raise ValueError(f"optim.milestones={list(milestones)!r} must be increasing positive epochs")
         if not isinstance(val_attack_steps, int) or val_attack_steps < 0:
             raise ValueError(f"module.val_attack_steps={val_attack_steps!r} must be an integer >= 0")
+        check_choice("val_attack_precision", val_attack_precision, PRECISIONS)
         self.save_hyperparameters(ignore=["model", "objective", "attack"])
         self.model = reparameterize_(model, kind=reparam_kind, init=reparam_init, seed=seed)
         self.objective = objective if objective is not None else SRE()
@@ -91,7 +96,8 @@ class FReP(pl.LightningModule):
         x, y = batch
         self.log("val/acc", accuracy(self.model(x), y), on_epoch=True, prog_bar=True, sync_dist=True)
         if self.val_attack is not None:
-            x_adv = self.val_attack.perturb(self.model, x, cross_entropy_loss(y))
+            with attack_precision(self.hparams.val_attack_precision, x.device):
+                x_adv = self.val_attack.perturb(self.model, x, cross_entropy_loss(y))
             acc = accuracy(self.model(x_adv), y)
             self.log(f"val/pgd{self.val_attack.steps}", acc, on_epoch=True, prog_bar=True, sync_dist=True)
 

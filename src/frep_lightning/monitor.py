@@ -15,12 +15,14 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from frep_lightning.attacks import PGD, cross_entropy_loss, eval_mode
+from frep_lightning.attacks import PGD, PRECISIONS, attack_precision, cross_entropy_loss, eval_mode
+from frep_lightning.checks import check_choice
 
 
 class RobustnessMonitor(Callback):
     """Args: ``n_images`` fixed training images, PGD-``steps`` at ``eps``; ``collapse_ratio``: warn
-    when accuracy < ratio x best (once the best is at least ``min_best``)."""
+    when accuracy < ratio x best (once the best is at least ``min_best``); ``precision``: ``fp32``
+    or ``bf16`` for crafting the attack (:func:`~frep_lightning.attacks.attack_precision`)."""
 
     def __init__(
         self,
@@ -31,12 +33,15 @@ class RobustnessMonitor(Callback):
         collapse_ratio: float = 0.5,
         min_best: float = 0.2,
         batch_size: int = 256,
+        precision: str = "fp32",
     ) -> None:
         if not isinstance(n_images, int) or n_images <= 0:
             raise ValueError(f"monitor.n_images={n_images!r} must be an integer > 0")
         if not 0 < collapse_ratio < 1:
             raise ValueError(f"monitor.collapse_ratio={collapse_ratio!r} must be in (0, 1)")
+        check_choice("monitor.precision", precision, PRECISIONS)
         self.attack = PGD(eps=eps, steps=steps, step_size=step_size)
+        self.precision = precision
         self.n_images, self.batch_size = n_images, batch_size
         self.collapse_ratio, self.min_best = collapse_ratio, min_best
         self.best = 0.0
@@ -65,7 +70,8 @@ class RobustnessMonitor(Callback):
         with eval_mode(pl_module):
             for x, y in loader_fn(self.n_images, self.batch_size):
                 x, y = x.to(pl_module.device), y.to(pl_module.device)
-                x_adv = self.attack.perturb(pl_module, x, cross_entropy_loss(y))
+                with attack_precision(self.precision, x.device):
+                    x_adv = self.attack.perturb(pl_module, x, cross_entropy_loss(y))
                 with torch.no_grad():
                     correct += int((pl_module(x_adv).argmax(1) == y).sum())
                 total += len(y)

@@ -73,6 +73,7 @@ def build_module(cfg: DictConfig) -> FReP:
         reparam_kind=m.reparam_kind,
         reparam_init=m.reparam_init,
         val_attack_steps=cfg.val_attack_steps,
+        val_attack_precision=cfg.get("val_attack_precision", "fp32"),
         seed=cfg.seed,
         **fast_kwargs,
         **OmegaConf.to_container(cfg.optim, resolve=True),  # type: ignore[arg-type]
@@ -89,7 +90,10 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> tuple[list[Callback], Mer
     if enabled(cfg.get("ensemble")):
         callbacks.append(instantiate(cfg.ensemble))
     if cfg.get("monitor") is not None:
-        callbacks.append(RobustnessMonitor(**OmegaConf.to_container(cfg.monitor, resolve=True)))  # type: ignore[arg-type]
+        monitor: dict[str, Any] = OmegaConf.to_container(cfg.monitor, resolve=True)  # type: ignore[assignment]
+        if monitor.get("precision") is None:
+            monitor["precision"] = cfg.get("val_attack_precision", "fp32")
+        callbacks.append(RobustnessMonitor(**monitor))
     export = MergeReparameterization(dirpath=str(run_dir), filename="model.pt", attr="model")
     callbacks.append(export)
     callbacks.append(RNGState())
