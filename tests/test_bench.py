@@ -94,6 +94,7 @@ def test_e2e_overrides_scale_the_recipe(bench: ModuleType, tmp_path: Path) -> No
     short = bench.e2e_overrides(10, "plain", False, tmp_path, [])
     assert "pruning.epoch=3" in short and "optim.milestones=[7,8]" in short and "trainer=cpu" in short
     assert not any(o.startswith("fast.") for o in short)
+    assert "val_attack_precision=bf16" in full and not any(o.startswith("val_attack_precision") for o in short)
 
 
 def test_phase_timer_counts_nested_phases_once(bench: ModuleType) -> None:
@@ -156,3 +157,46 @@ def test_mode_names_spell_their_fast_options(bench: ModuleType) -> None:
     for mode in bench.MODES:  # every suffix of every mode is one the parser knows
         assert set(mode.split("-")) <= {"pl", "fast", "eager", "compile", "fp32", "bf16", "cw", "cm", "s2"}, mode
     assert set(bench.COMPILED_MODEL) == {m for m in bench.MODES if "-cm" in m}
+
+
+def test_plan_runs_frep_only_modes_for_frep_only(bench: ModuleType) -> None:
+    """--modes given for several methods: natural and PGD-10 get only the bare modes (no Lightning row, no
+    second stream), so a one-call GPU plan spends no budget on rows nobody reads."""
+    argv = ["--reduced", "--device", "cpu", "--models", "resnet18", "--methods", "frep,natural,pgd10"]
+    modes = "eager,fast-bf16,fast-bf16-s2,pl-fast-bf16,pl-fast-bf16-cw"
+    planned = [(me, mo) for _, _, me, mo in bench.plan(bench.parse_args([*argv, "--modes", modes]))]
+    assert planned == [
+        ("frep", "eager"),
+        ("frep", "fast-bf16"),
+        ("frep", "fast-bf16-s2"),
+        ("frep", "pl-fast-bf16"),
+        ("frep", "pl-fast-bf16-cw"),
+        ("natural", "eager"),
+        ("natural", "fast-bf16"),
+        ("pgd10", "eager"),
+        ("pgd10", "fast-bf16"),
+    ]
+
+
+def test_fastest_variant_names_the_overrides_of_the_fastest_lightning_row(bench: ModuleType) -> None:
+    """experiments/gpu/fast_path.sh runs the e2e recipe with what the step bench found fastest: the override
+    list must be what each mode's name stands for in bench.fast_options (no drift between the two)."""
+    path = Path(bench.__file__).parent / "gpu" / "fastest_variant.py"
+    spec = importlib.util.spec_from_file_location("fastest_variant", path)
+    assert spec is not None and spec.loader is not None
+    fv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fv)
+    rows = [
+        {"method": "frep", "mode": "fast-bf16-s2", "ms": 7.0},  # bare: not what a user runs
+        {"method": "frep", "mode": "pl-fast-bf16", "ms": 9.8},
+        {"method": "frep", "mode": "pl-fast-bf16-s2", "ms": 8.9},
+        {"method": "frep", "mode": "pl-fast-bf16-cm-s2", "ms": None},  # failed or skipped
+        {"method": "natural", "mode": "pl-fast-bf16", "ms": 3.0},
+    ]
+    assert fv.fastest(rows) == ("pl-fast-bf16-s2", 8.9)
+    assert fv.fastest(rows[:1]) is None
+    defaults = bench.fast_options("pl-fast-bf16")
+    for mode in (m for m in bench.MODES if m.startswith("pl-fast")):
+        changed = {k: v for k, v in bench.fast_options(mode).items() if v != defaults[k]}
+        expected = sorted(f"fast.{k}={str(v).lower()}" for k, v in changed.items())
+        assert sorted(fv.overrides(mode)) == expected, mode

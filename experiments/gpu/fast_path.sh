@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Issue 4 in one budgeted GPU call: (1) the step bench at bs 128 for ResNet-18 with the fast-path variants
+# that need no compile (base, fast.streams=2, fast.cache_weights), the capture check (which also compares the
+# two-stream replay with the one-stream eager step), and the ratios' denominators (eager PGD-10, natural);
+# (2) the 100-epoch recipe end to end (process start to model.pt and summary.json, per-epoch validation on
+# 1k test images, final PGD-50 on the 10k test split) on the Lightning variant that (1) measured fastest.
+# Everything lands in $OUT as it goes: bench-*.md/.json after every row, the e2e run's metrics.csv and log
+# while it trains (so a run cut by the deadline still shows how far it got and at what pace).
+# Usage (repo root, .gpu/ carried: site/ + data/): bash experiments/gpu/fast_path.sh [EPOCHS]
+# Env: BUDGET_S (570: the whole call), BENCH_S (100: the bench's own budget), MODES (bench modes), COMPILE=1
+# (time the -cm modes too: ~1 min of compilation each), E2E_EXTRA (more overrides for the e2e run).
+source experiments/gpu/env.sh
+EPOCHS=${1:-100}
+T0=$(date +%s); DEADLINE=$(( T0 + ${BUDGET_S:-570} ))
+MODES=${MODES:-eager,fast-bf16,fast-bf16-s2,pl-fast-bf16,pl-fast-bf16-s2,pl-fast-bf16-cw}
+echo "== bench $(date -u +%FT%TZ)" | tee "$OUT/fast_path.log"
+timeout $(( ${BENCH_S:-100} + 40 )) python3 experiments/bench.py --out-dir "$OUT" --models resnet18 --batch-sizes 128 \
+  --methods frep,natural,pgd10 --modes "$MODES" $([ -n "${COMPILE:-}" ] && echo --compile || echo --no-compile) --budget "${BENCH_S:-100}" --tag=-steps 2>&1 \
+  | grep -v Warning | tee -a "$OUT/fast_path.log"
+# the fastest Lightning row decides the e2e options (the Lightning target is what a user runs)
+BEST=$(python3 experiments/gpu/fastest_variant.py "$OUT"/bench-*-steps.json)
+echo "== e2e $(date -u +%FT%TZ) after $(( $(date +%s) - T0 ))s, options: ${BEST:-(base)} ${E2E_EXTRA:-}" \
+  | tee -a "$OUT/fast_path.log"
+timeout $(( DEADLINE - $(date +%s) )) python3 experiments/bench.py --out-dir "$OUT" --e2e-only --epochs "$EPOCHS" \
+  --e2e-run-dir "$OUT/e2e" --e2e-overrides "$BEST ${E2E_EXTRA:-}" --tag=-e2e 2>&1 \
+  | grep -v Warning | tee -a "$OUT/fast_path.log"
+echo "== e2e rc=${PIPESTATUS[0]}, done after $(( $(date +%s) - T0 ))s" | tee -a "$OUT/fast_path.log"
+find "$OUT/e2e" \( -name '*.ckpt' -o -name '*.pt' \) -delete 2>/dev/null  # too big to come back; metrics, logs do
