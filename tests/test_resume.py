@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 import frep_lightning.train as train_module
@@ -370,6 +370,50 @@ def test_non_finite_state_is_never_written(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteStateError, match=r"current_model_state\.m\.w"):
         io.save_checkpoint({**bad, "global_step": 2}, path)
     assert io.load_checkpoint(path)["global_step"] == 1
+
+
+def test_background_write_holds_the_state_of_its_save_point(tmp_path: Path) -> None:
+    """checkpoint.background: the file holds the state at save time although training changes the tensors
+    in place right after; the writer is waited for at teardown; a refused (non-finite) write is raised
+    there, not lost, and the file on disk stays the last good one."""
+    from lightning.pytorch.plugins.io import AsyncCheckpointIO
+
+    io = train_module.checkpoint_io(OmegaConf.create({"checkpoint": {"background": True}}))
+    assert isinstance(io, AsyncCheckpointIO) and isinstance(io.checkpoint_io, AtomicCheckpointIO)
+    assert isinstance(
+        train_module.checkpoint_io(OmegaConf.create({"checkpoint": {"background": False}})), AtomicCheckpointIO
+    )
+    path = tmp_path / "last.ckpt"
+    w = torch.arange(1_000_000, dtype=torch.float32)
+    io.save_checkpoint({"state_dict": {"w": w}, "global_step": 1}, path)
+    w.mul_(-1)  # the next training step, while the write may still be going on
+    io.teardown()
+    loaded = AtomicCheckpointIO().load_checkpoint(path)
+    assert loaded["global_step"] == 1 and torch.equal(loaded["state_dict"]["w"], torch.arange(1_000_000.0))
+    bad = {"state_dict": {"w": torch.tensor([float("nan")])}, "global_step": 2}
+    io.save_checkpoint(bad, path)
+    with pytest.raises(NonFiniteStateError):
+        io.teardown()
+    assert AtomicCheckpointIO().load_checkpoint(path)["global_step"] == 1
+
+
+@pytest.mark.usefixtures("deterministic")
+def test_background_and_foreground_checkpoints_are_the_same_file(
+    pack_root: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """A whole run (per-step checkpoints, pruning, ensemble): last.ckpt written in the background equals
+    the one written before training continues, tensor for tensor."""
+    states = []
+    for background in (True, False):
+        run_dir = tmp_path / str(background)
+        cfg = tiny_cfg(pack_root, cache_dir, run_dir, f"checkpoint.background={str(background).lower()}")
+        train_module.run(cfg)
+        states.append(torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True))
+    for key in ("state_dict", "current_model_state"):
+        assert states[0][key].keys() == states[1][key].keys()
+        for name, tensor in states[0][key].items():
+            assert torch.equal(tensor, states[1][key][name]), f"{key}.{name}"
+    assert states[0]["global_step"] == states[1]["global_step"] == 6
 
 
 class Payload:

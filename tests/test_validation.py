@@ -93,6 +93,7 @@ BAD = [
     ("val_attack_precision", "fp16", "allowed values: fp32, bf16"),
     ("monitor.precision", "half", "allowed values: fp32, bf16"),
     ("checkpoint.every_n_train_steps", 0, "must be an integer > 0 or null"),
+    ("checkpoint.background", "yes", "must be true or false"),
     ("ckpt_path", "/no/such/last.ckpt", "must be an existing checkpoint file"),
     ("monitor.collapse_ratio", 1.5, "must be in (0, 1)"),
 ]

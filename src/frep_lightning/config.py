@@ -174,6 +174,7 @@ RULES: list[Rule] = [
     _rule("seed", _int_at_least(0), _NONNEG_INT, required=True),
     _rule("ckpt_path", _existing_file, "must be an existing checkpoint file (e.g. <run>/checkpoints/last.ckpt) or null",
           nullable=True),
+    _rule("checkpoint.background", _is_bool, "must be true or false"),
     _rule("checkpoint.every_n_train_steps", _int_at_least(1), _POS_INT + " or null (null: at every epoch end)",
           nullable=True),
     _rule("val_attack_steps", _int_at_least(0), _NONNEG_INT),

@@ -21,7 +21,9 @@ import lightning.pytorch as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -102,6 +104,12 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> tuple[list[Callback], Mer
     return callbacks, export
 
 
+def checkpoint_io(cfg: DictConfig) -> CheckpointIO:
+    """Atomic, weights-only checkpoint files; written in a background thread with ``checkpoint.background``."""
+    io = AtomicCheckpointIO()
+    return AsyncCheckpointIO(io) if OmegaConf.select(cfg, "checkpoint.background", default=False) else io
+
+
 def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
     if not enabled(cfg.get("logger")):
         return False
@@ -127,7 +135,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         callbacks=callbacks,
         logger=build_logger(cfg, run_dir),
         default_root_dir=str(run_dir),
-        plugins=[AtomicCheckpointIO()],
+        plugins=[checkpoint_io(cfg)],
     )
     if trainer.is_global_zero:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
