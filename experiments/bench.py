@@ -12,12 +12,12 @@ images/s of these modes (a mode that does not apply to a method is not run):
   fast-bf16-cw  captured, bf16 + channels_last + fast.cache_weights (W1*W2 once per step)
   fast-bf16-cm  captured, bf16 + channels_last + fast.compile_model (inductor kernels inside the graph)
   fast-bf16-s2  captured, bf16 + channels_last + fast.streams=2 (clean forward on a second stream)
-  fast-bf16-cm-s2  both of the last two
+  fast-bf16-cw-s2, fast-bf16-cm-s2  two of those together
   compile-bf16  torch.compile(mode="reduce-overhead") instead of the manual capture
   pl-eager      FReP inside a Lightning Trainer (automatic optimization), GPU-resident batches
                 (DeviceBatches), RobustPruning (99 %, at epoch 0) and TemporalEnsemble callbacks
   pl-fast-bf16  FastFReP inside the same Trainer, data and callbacks: the number the issue targets
-  pl-fast-bf16-cw, -s2, -cm, -cm-s2  the same with those options (the modes that compile run last,
+  pl-fast-bf16-cw, -s2, -cw-s2, -cm, -cm-s2  the same with those options (the modes that compile run last,
                 with --compile); the Lightning target takes the fastest pl-fast row
 
 natural and pgd10 train the plain weights (with the pruning-mask parametrization, as "Ori" does).
@@ -28,7 +28,7 @@ that fails (capture error, OOM, compile error) prints the error and gets a line 
 --check (on by default on CUDA): the captured step against the plain eager step from the same
 weights and RNG state, through a pruning event and an LR drop (cuDNN deterministic): the weight
 difference, and whether pruned weights stayed exactly zero; also the two-stream captured step
-(fast.streams=2) against the one-stream eager step.
+(fast.streams=2, with and without fast.cache_weights) against the one-stream eager step.
 
 --e2e: ``experiment=paper_resnet18_c10`` end to end through ``frep_lightning.train.run`` (needs
 hydra), with --epochs E (pruning epoch and LR milestones scaled from 30/70/85 of 100), split into
@@ -88,6 +88,7 @@ MODES = (
     "fast-bf16",
     "fast-bf16-cw",
     "fast-bf16-s2",
+    "fast-bf16-cw-s2",
     "fast-bf16-cm",
     "fast-bf16-cm-s2",
     "compile-bf16",
@@ -95,6 +96,7 @@ MODES = (
     "pl-fast-bf16",
     "pl-fast-bf16-cw",
     "pl-fast-bf16-s2",
+    "pl-fast-bf16-cw-s2",
     "pl-fast-bf16-cm",
     "pl-fast-bf16-cm-s2",
 )
@@ -514,12 +516,12 @@ def capture_check(device: torch.device, model: str, width: int | None, bs: int, 
     try:
         batches = synthetic_batches(bs, 4, device, seed=1)
         passed = True
-        for random_start, streams in ((False, 1), (True, 1), (False, 2)):
+        for random_start, streams, cache in ((False, 1, False), (True, 1, False), (False, 2, False), (False, 2, True)):
             ref = make_module("frep", model, width, device)
             ref.attack.random_start = random_start
             fast = copy.deepcopy(ref)
             opt_ref, opt_fast = make_optimizer(ref), make_optimizer(fast)
-            kw: dict[str, Any] = {"sgd": "foreach", "warmup_steps": 3}
+            kw: dict[str, Any] = {"sgd": "foreach", "warmup_steps": 3, "cache_weights": cache}
             ref_step = FastStep(ref.model, ref.objective, ref.attack, opt_ref, capture="none", **kw)
             step = FastStep(
                 fast.model, fast.objective, fast.attack, opt_fast, capture="cuda_graph", streams=streams, **kw
@@ -547,6 +549,7 @@ def capture_check(device: torch.device, model: str, width: int | None, bs: int, 
             tag = ("with random start" if random_start else "without random start") + (
                 ", 2 streams vs 1" if streams == 2 else ""
             )
+            tag += ", both with cached weights" if cache else ""
             out[f"{tag}: max relative |W_replay - W_eager|"] = f"{rel:.3g} (max abs {max(d for d, _ in diffs):.3g})"
             out[f"{tag}: loss/accuracy sums identical"] = sums_equal
             out[f"{tag}: pruned weights not zero after replays"] = nonzero

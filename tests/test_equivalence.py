@@ -24,6 +24,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, TensorDataset
 
 from frep_lightning.attacks import SignGradientAttack, frozen_bn_stats
@@ -37,7 +38,7 @@ from frep_lightning.models import build_model
 from frep_lightning.module import FReP
 from frep_lightning.objectives import SRE
 from frep_lightning.pruning import RobustPruning, apply_masks_, compute_masks
-from frep_lightning.reparam import iter_masked
+from frep_lightning.reparam import factors, iter_masked
 from helpers import quiet_trainer
 
 
@@ -414,7 +415,6 @@ def test_fast_config_builds_fast_module_and_device_data() -> None:
         ({"compile_model": True, "cache_weights": True}, "fast.compile_model=true and fast.cache_weights=true"),
         ({"streams": 3}, "fast.streams"),
         ({"streams": True}, "fast.streams"),
-        ({"streams": 2, "cache_weights": True}, "fast.streams=2 and fast.cache_weights=true"),
         ({"streams": 2, "attack": SignGradientAttack(bn="eval")}, "fast.streams=2 needs method.attack.bn=train"),
     ],
 )
@@ -467,6 +467,70 @@ def test_two_stream_captured_step_equals_one_stream_eager_step() -> None:
         assert torch.equal(steps[1].sums, steps[0].sums)
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "none", "channel"])
+def test_weight_cache_holds_every_masked_product_with_its_gradient(kind: str) -> None:
+    """fast.cache_weights: one multi-tensor fill puts W1*W2*mask (W*mask for plain layers; M@W2 per layer for
+    FReP-CH) where every forward reads it, and gradients reach the factors as through the layers' own
+    parametrizations (dL/dW1 = g*W2*mask)."""
+    torch.manual_seed(0)
+    module = FReP(build_model("resnet18", width=4), reparam_kind=kind)
+    layers = list(iter_masked(module.model))
+    with torch.no_grad():
+        for _, _, p in layers[::3]:
+            p.mask.bernoulli_(0.5)  # a pruned state
+    optimizer = module.configure_optimizers()["optimizer"]
+    step = FastStep(module.model, module.objective, module.attack, optimizer, cache_weights=True)
+    expected = {name: layer.weight.detach().clone() for name, layer, _ in layers}
+    probes = {name: torch.randn_like(w) for name, w in expected.items()}
+    with parametrize.cached():
+        step._fill_weight_cache()
+        weights = {name: layer.weight for name, layer, _ in layers}
+        assert all(layer.weight is weights[name] for name, layer, _ in layers)  # read from the cache
+        loss = sum((weights[name] * probes[name]).sum() for name in weights)
+    for name, w in weights.items():
+        assert torch.equal(w, expected[name]), name  # bit for bit: same products, same order
+    params = [f for _, layer, _ in layers for f in factors(layer)]
+    grads = dict(zip(map(id, params), torch.autograd.grad(loss, params), strict=True))
+    for name, layer, p in layers:
+        fs = factors(layer)
+        if kind == "hadamard":
+            torch.testing.assert_close(grads[id(fs[0])], probes[name] * fs[1] * p.mask)
+            torch.testing.assert_close(grads[id(fs[1])], probes[name] * fs[0] * p.mask)
+        elif kind == "none":
+            torch.testing.assert_close(grads[id(fs[0])], probes[name] * p.mask)
+        else:  # W = (M @ W2) * mask
+            g = (probes[name] * p.mask).flatten(1)
+            torch.testing.assert_close(grads[id(fs[0])], g @ fs[1].flatten(1).T)
+
+
+def test_weight_cache_of_a_deep_copy_reads_the_copy() -> None:
+    """torch files a deep copy's cached weights under the original's module ids (shared injected class):
+    the fill must use the keys the copy's properties look up, so the copy reads its own products; a model
+    holding two deep copies of one parametrized layer cannot be cached and is refused."""
+    torch.manual_seed(0)
+    original = FReP(build_model("resnet18", width=4))
+    clone = copy.deepcopy(original)
+    with torch.no_grad():
+        for p in clone.model.parameters():
+            p.mul_(-2.0)  # the copy's weights differ from the original's
+    optimizer = clone.configure_optimizers()["optimizer"]
+    step = FastStep(clone.model, clone.objective, clone.attack, optimizer, cache_weights=True)
+    expected = {name: layer.weight.detach().clone() for name, layer, _ in iter_masked(clone.model)}
+    with torch.no_grad(), parametrize.cached():
+        step._fill_weight_cache()
+        for name, layer, _ in iter_masked(clone.model):
+            assert torch.equal(layer.weight, expected[name]), name
+        x = torch.rand(2, 3, 32, 32)
+        cached_out = clone.model.eval()(x)
+    with torch.no_grad():
+        assert torch.equal(cached_out, clone.model(x))  # the forward read the copy's own weights
+
+    layer = FReP(nn.Sequential(nn.Flatten(), nn.Linear(12, 4))).model[1]
+    twins = nn.Sequential(nn.Flatten(), layer, copy.deepcopy(layer))
+    with pytest.raises(ValueError, match="shares its parametrization cache entry"):
+        FastStep(twins, SRE(), SignGradientAttack(), torch.optim.SGD(twins.parameters(), lr=0.1), cache_weights=True)
 
 
 class _NaNObjective(SRE):

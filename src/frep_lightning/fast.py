@@ -50,6 +50,7 @@ from frep_lightning.attacks import PRECISIONS, SignGradientAttack
 from frep_lightning.checks import check_choice
 from frep_lightning.module import FReP
 from frep_lightning.objectives import Objective
+from frep_lightning.reparam import Hadamard, Plain, factors, iter_masked
 
 log = logging.getLogger("frep_lightning")
 
@@ -73,14 +74,9 @@ def _check_compile_model(compile_model: bool, capture: str, cache_weights: bool)
         )
 
 
-def _check_streams(streams: int, cache_weights: bool, attack: SignGradientAttack | None = None) -> None:
+def _check_streams(streams: int, attack: SignGradientAttack | None = None) -> None:
     if isinstance(streams, bool) or streams not in (1, 2):
         raise ValueError(f"fast.streams={streams!r} must be 1 or 2")
-    if streams == 2 and cache_weights:
-        raise ValueError(
-            "fast.streams=2 and fast.cache_weights=true: pick one (a cached W1*W2*mask made on one stream would be "
-            "read on the other before it is written)"
-        )
     if streams == 2 and attack is not None and getattr(attack, "bn", "train") != "train":
         raise ValueError(
             f"fast.streams=2 needs method.attack.bn=train (got {attack.bn!r}): with bn=eval the attack's forward "
@@ -137,6 +133,44 @@ def sgd_update_(
         torch._foreach_add_(params, grads, alpha=-lr)
 
 
+def _products_by_kind(model: nn.Module) -> tuple[list[tuple], list[tuple], list[nn.Module]]:
+    """The masked layers as ``(module, W1, W2, mask)`` (Hadamard), ``(module, W, mask)`` (mask only) and
+    the rest (FReP-CH), for :meth:`FastStep._fill_weight_cache`."""
+    hadamard: list[tuple] = []
+    plain: list[tuple] = []
+    other: list[nn.Module] = []
+    for _, module, p in iter_masked(model):
+        if isinstance(p, Hadamard):
+            hadamard.append((module, *factors(module), p.mask))
+        elif isinstance(p, Plain):
+            plain.append((module, *factors(module), p.mask))
+        else:
+            other.append(module)
+    return hadamard, plain, other
+
+
+def _weight_cache_keys(modules: Sequence[nn.Module]) -> list[Any]:
+    """The key under which ``parametrize.cached()`` files each module's ``weight``, found by letting it file
+    one (no grad). Not simply ``(id(module), "weight")``: torch keys by the module the property was made
+    for, which for a ``copy.deepcopy`` of a parametrized model is the original's (the injected class and
+    its closure are shared). Two layers under one key (deep copies inside one model) would read each
+    other's weights from the cache: refused."""
+    keys: list[Any] = []
+    with torch.no_grad(), parametrize.cached():
+        for module in modules:
+            before = set(parametrize._cache)
+            module.weight  # noqa: B018
+            new = set(parametrize._cache) - before
+            if len(new) != 1:
+                raise ValueError(
+                    f"fast.cache_weights=true: {type(module).__name__} layer shares its parametrization cache entry "
+                    "with another layer (deep copies of one parametrized layer in one model); set "
+                    "fast.cache_weights=false"
+                )
+            keys.append(new.pop())
+    return keys
+
+
 @dataclass
 class _Group:
     """One optimizer param group as the step sees it (params that take part, their buffers)."""
@@ -170,8 +204,9 @@ class FastStep:
             ``mode="reduce-overhead"``) or ``none`` (eager). Off CUDA, always eager.
         precision: ``fp32`` or ``bf16`` (autocast around the forwards; the update stays fp32).
         sgd: ``fused``, ``foreach``, or ``auto`` (fused on CUDA, foreach elsewhere).
-        cache_weights: compute each W = W1·W2·mask once per step (``parametrize.cached``) instead of
-            once per forward; the same values, gradients summed in another order (rounding only).
+        cache_weights: compute every W = W1·W2·mask once per step, all layers in two multi-tensor
+            kernels, and let the three forwards read them (``parametrize.cached``), instead of once
+            per layer and forward; the same values, gradients summed in another order (rounding only).
         compile_model: run the backbone's forwards (and their backwards) through ``torch.compile``
             (inductor, its default mode: no CUDA graphs of its own), so that BatchNorm/ReLU/residual
             adds and the W1·W2·mask products become fused kernels; with ``capture=cuda_graph`` the whole
@@ -204,7 +239,7 @@ class FastStep:
     ) -> None:
         check_choice("fast.capture", capture, CAPTURES)
         _check_compile_model(compile_model, capture, cache_weights)
-        _check_streams(streams, cache_weights, attack)
+        _check_streams(streams, attack)
         check_choice("fast.precision", precision, PRECISIONS)
         check_choice("fast.sgd", sgd, SGD_IMPLS)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
@@ -289,6 +324,9 @@ class FastStep:
         the per-step check sees a changed storage, not at every step."""
         self._groups = self._collect_groups()
         self._tracked = [*self.model.parameters(), *self.model.buffers()]
+        self._products = _products_by_kind(self.model)
+        if self.cache_weights:
+            self._cache_keys = _weight_cache_keys([entry[0] for entry in self._products[0] + self._products[1]])
         self._tracked += [b for g in self._groups for b in g.buffers]
 
     def _fingerprint(self) -> tuple:
@@ -315,10 +353,36 @@ class FastStep:
     def _weights(self) -> contextlib.AbstractContextManager[Any]:
         return parametrize.cached() if self.cache_weights else contextlib.nullcontext()
 
+    def _fill_weight_cache(self) -> None:
+        """Every W = W1*W2*mask (and W*mask) at once, with multi-tensor kernels (two for all Hadamard layers
+        instead of two per layer), stored where ``parametrize.cached()`` looks them up. Same values and
+        gradients as computing each lazily at its first use; made here, on the step's stream, so that a
+        second stream (``streams=2``) forked after this reads finished weights."""
+        hadamard, plain, other = self._products
+        filled: list[tuple[nn.Module, Tensor]] = []
+        if hadamard:
+            modules, w1, w2, masks = zip(*hadamard, strict=True)
+            products = torch._foreach_mul(torch._foreach_mul(list(w1), list(w2)), list(masks))
+            filled += zip(modules, products, strict=True)
+        if plain:
+            modules, w, masks = zip(*plain, strict=True)
+            filled += zip(modules, torch._foreach_mul(list(w), list(masks)), strict=True)
+        for key, (_, weight) in zip(self._cache_keys, filled, strict=True):
+            parametrize._cache[key] = weight
+        if filled and filled[0][0].weight is not filled[0][1]:  # parametrize's private cache layout changed
+            raise RuntimeError(
+                "fast.cache_weights: torch.nn.utils.parametrize no longer reads its cache the way this torch "
+                f"version was expected to ({torch.__version__}); set fast.cache_weights=false"
+            )
+        for module in other:  # FReP-CH's M @ W2: computed (and cached) here too, per layer
+            module.weight  # noqa: B018
+
     def body(self, x: Tensor, y: Tensor, lrs: Sequence[float | Tensor]) -> None:
         """FReP.training_step + SGD: everything that one captured replay does."""
         model, objective, aux = self.net, self.objective, self._aux
         with self._autocast(), self._weights():
+            if self.cache_weights:
+                self._fill_weight_cache()
             if aux is None:
                 logits_clean = model(x) if objective.uses_clean else None
                 reference = None if logits_clean is None else logits_clean.detach()
@@ -542,11 +606,11 @@ class FastFReP(FReP):
             if not isinstance(flag, bool):
                 raise ValueError(f"fast.{key} must be true or false, got {flag!r}")
         _check_compile_model(compile_model, capture, cache_weights)
-        _check_streams(streams, cache_weights)
+        _check_streams(streams)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
             raise ValueError(f"fast.warmup_steps={warmup_steps!r} must be an integer >= 1 (capture needs a warm-up)")
         super().__init__(model, *args, **kwargs)
-        _check_streams(streams, cache_weights, self.attack)
+        _check_streams(streams, self.attack)
         self.automatic_optimization = False
         self.fast_options = {
             "capture": capture,
