@@ -415,6 +415,7 @@ def test_fast_config_builds_fast_module_and_device_data() -> None:
         ({"compile_model": True, "cache_weights": True}, "fast.compile_model=true and fast.cache_weights=true"),
         ({"streams": 3}, "fast.streams"),
         ({"streams": True}, "fast.streams"),
+        ({"streams": 2, "capture": "compile"}, "fast.streams=2 with fast.capture=compile"),
         ({"streams": 2, "attack": SignGradientAttack(bn="eval")}, "fast.streams=2 needs method.attack.bn=train"),
     ],
 )

@@ -74,9 +74,14 @@ def _check_compile_model(compile_model: bool, capture: str, cache_weights: bool)
         )
 
 
-def _check_streams(streams: int, attack: SignGradientAttack | None = None) -> None:
+def _check_streams(streams: int, capture: str, attack: SignGradientAttack | None = None) -> None:
     if isinstance(streams, bool) or streams not in (1, 2):
         raise ValueError(f"fast.streams={streams!r} must be 1 or 2")
+    if streams == 2 and capture == "compile":
+        raise ValueError(
+            "fast.streams=2 with fast.capture=compile: torch.compile would have to trace the stream switches of the "
+            "step; use fast.capture=cuda_graph (the streams are kept in the captured graph)"
+        )
     if streams == 2 and attack is not None and getattr(attack, "bn", "train") != "train":
         raise ValueError(
             f"fast.streams=2 needs method.attack.bn=train (got {attack.bn!r}): with bn=eval the attack's forward "
@@ -239,7 +244,7 @@ class FastStep:
     ) -> None:
         check_choice("fast.capture", capture, CAPTURES)
         _check_compile_model(compile_model, capture, cache_weights)
-        _check_streams(streams, attack)
+        _check_streams(streams, capture, attack)
         check_choice("fast.precision", precision, PRECISIONS)
         check_choice("fast.sgd", sgd, SGD_IMPLS)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
@@ -606,11 +611,11 @@ class FastFReP(FReP):
             if not isinstance(flag, bool):
                 raise ValueError(f"fast.{key} must be true or false, got {flag!r}")
         _check_compile_model(compile_model, capture, cache_weights)
-        _check_streams(streams)
+        _check_streams(streams, capture)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
             raise ValueError(f"fast.warmup_steps={warmup_steps!r} must be an integer >= 1 (capture needs a warm-up)")
         super().__init__(model, *args, **kwargs)
-        _check_streams(streams, self.attack)
+        _check_streams(streams, capture, self.attack)
         self.automatic_optimization = False
         self.fast_options = {
             "capture": capture,
