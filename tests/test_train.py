@@ -151,3 +151,35 @@ def test_smoke_experiment_end_to_end(pack_root: Path, cache_dir: Path, tmp_path:
     model.load_state_dict(state, strict=True)
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "config.yaml").is_file()
+    assert summary["train_step"] == "plain (automatic optimization)"
+
+
+@pytest.mark.slow
+def test_fast_path_end_to_end_through_the_config(pack_root: Path, cache_dir: Path, tmp_path: Path) -> None:
+    """fast.enabled with every option the GPU bench compares, through Hydra, pruning, the ensemble, merge and
+    the final evaluation: the exported model is exactly as sparse as asked and summary.json says what ran
+    (on CPU the captured step runs eagerly, and the second stream is not used)."""
+    cfg = cfg_for(
+        "experiment=smoke",
+        f"data.root={pack_root}",
+        f"data.cache_dir={cache_dir}",
+        "logger=none",
+        "data.n_train=128",
+        "trainer.max_epochs=3",
+        "pruning.epoch=1",
+        "optim.milestones=[2]",
+        "eval.n_test=100",
+        "fast.enabled=true",
+        "fast.precision=bf16",
+        "fast.channels_last=true",
+        "fast.cache_weights=true",
+        "fast.streams=2",
+        "val_attack_precision=bf16",
+    )
+    with open_dict(cfg):
+        cfg.run_dir = str(tmp_path / "run")
+    summary = run(cfg)
+    assert summary["train_step"].startswith("eager, bf16") and "cached W" in summary["train_step"]
+    assert "2 streams" not in summary["train_step"]  # CPU: one stream
+    assert summary["sparsity"] == pytest.approx(0.9, abs=1e-4) and summary["global_steps"] == 12
+    assert 0.0 <= summary["pgd_acc"] <= summary["clean_acc"] <= 1.0

@@ -219,6 +219,8 @@ def summarize(
         "seed": cfg.seed,
         "model_path": str(export.path),
         "overfitting_epochs": _collapsed_epochs(trainer),
+        # what trained: the fast path's own account (capture, precision, fallbacks), or the plain path
+        "train_step": getattr(trainer.lightning_module, "fast_summary", None) or "plain (automatic optimization)",
         "frep_lightning": __version__,
         "torch": torch.__version__,
     }
