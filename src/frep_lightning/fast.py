@@ -329,8 +329,8 @@ class FastStep:
         the per-step check sees a changed storage, not at every step."""
         self._groups = self._collect_groups()
         self._tracked = [*self.model.parameters(), *self.model.buffers()]
-        self._products = _products_by_kind(self.model)
-        if self.cache_weights:
+        if self.cache_weights:  # what _fill_weight_cache multiplies, and where it files the products
+            self._products = _products_by_kind(self.model)
             self._cache_keys = _weight_cache_keys([entry[0] for entry in self._products[0] + self._products[1]])
         self._tracked += [b for g in self._groups for b in g.buffers]
 
