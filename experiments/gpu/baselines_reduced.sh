@@ -5,8 +5,10 @@
 # recipe), all on the fast path (fast.enabled=true, bf16 + channels_last: the same path for every method).
 # Issue 4 rides along: `plain_s0.99` is FReP 99 % on the plain path (eager fp32, Lightning automatic
 # optimization) with the same seed, for the fast-vs-plain accuracy comparison.
-# Each run: train (summary.json: clean + PGD-10 on the 10k test split), then frep-eval FGSM + PGD-50 on the
-# 10k test split (eval.json), then for AA_RUNS AutoAttack standard on N_AA test images (eval_aa.json).
+# Each run: train, whose final evaluation also runs FGSM and PGD-50 (eval.attacks) on the 10k test split
+# (summary.json: clean, PGD-10, FGSM, PGD-50 and their per-example worst case; one process less per run than a
+# separate frep-eval, the same evaluate() and seeds), then for AA_RUNS AutoAttack standard on N_AA test images
+# (eval_aa.json). EVAL_SEPARATE=1 restores the separate frep-eval call (eval.json) of the 2026-11-27 runs.
 # Jobs run PARALLEL at once in priority order; one deadline (BUDGET_S after start) bounds everything, and every
 # finished step is packed into $OUT/baselines.tar.gz (pack_results.py) at once, so a cut run still returns.
 # Measured 2026-11-27 (results/2026-11-27-baselines-h100.md): processes on one GPU time-slice, so 4 at once gave
@@ -46,12 +48,15 @@ export -f left pack log
 run_one() {  # name overrides...
   local name=$1; shift; local d=/tmp/b/$name t=$(date +%s)
   mkdir -p $d; [ "$(left)" -gt 20 ] || { log "$name skipped (deadline)"; return; }
-  timeout $(left) python3 -m frep_lightning.train $COMMON "$@" hydra.run.dir=$d > $d/run.log 2>&1
-  log "$name train rc=$? wall=$(( $(date +%s) - t ))s $(python3 -c "import json;d=json.load(open('$d/summary.json'));print({k:d.get(k) for k in ('clean_acc','pgd_acc','sparsity','global_steps','train_seconds','overfitting_epochs')})" 2>/dev/null)"
+  local final="eval.attacks=[fgsm,pgd50]"; [ -n "${EVAL_SEPARATE:-}" ] && final=""
+  timeout $(left) python3 -m frep_lightning.train $COMMON "$@" $final hydra.run.dir=$d > $d/run.log 2>&1
+  log "$name train rc=$? wall=$(( $(date +%s) - t ))s $(python3 -c "import json;d=json.load(open('$d/summary.json'));print({k:d.get(k) for k in ('clean_acc','pgd_acc','fgsm_acc','pgd50_acc','sparsity','global_steps','train_seconds','eval_seconds','overfitting_epochs')})" 2>/dev/null)"
   pack; [ -f $d/model.pt ] || return; t=$(date +%s)
-  timeout $(left) python3 -m frep_lightning.eval ckpt=$d "attacks=[fgsm,pgd50]" logger=none print_layers=false \
-    hydra.run.dir=/tmp/e_$name > $d/eval.log 2>&1
-  log "$name eval fgsm,pgd50 n=10000 rc=$? wall=$(( $(date +%s) - t ))s"; pack
+  if [ -n "${EVAL_SEPARATE:-}" ]; then
+    timeout $(left) python3 -m frep_lightning.eval ckpt=$d "attacks=[fgsm,pgd50]" logger=none print_layers=false \
+      hydra.run.dir=/tmp/e_$name > $d/eval.log 2>&1
+    log "$name eval fgsm,pgd50 n=10000 rc=$? wall=$(( $(date +%s) - t ))s"; pack; t=$(date +%s)
+  fi
   case " $AA_RUNS " in *" $name "*) ;; *) return;; esac; t=$(date +%s)
   timeout $(left) python3 -m frep_lightning.eval ckpt=$d n_test=$N_AA "attacks=[aa]" output=$d/eval_aa.json \
     logger=none print_layers=false hydra.run.dir=/tmp/a_$name > $d/eval_aa.log 2>&1
