@@ -194,6 +194,11 @@ def test_fastest_variant_names_the_overrides_of_the_fastest_lightning_row(bench:
         {"method": "natural", "mode": "pl-fast-bf16", "ms": 3.0},
     ]
     assert fv.fastest(rows) == ("pl-fast-bf16-s2", 8.9)
+    assert fv.fastest(rows, {"result": "PASS"}) == ("pl-fast-bf16-s2", 8.9)
+    assert fv.fastest(rows, {"result": "FAIL"}) == ("pl-fast-bf16", 9.8)  # replays not trusted: one stream only
+    note = "eager, bf16; fallback: CUDA graph capture failed"
+    fell_back = [{**r, "note": note} if r["ms"] == 8.9 else r for r in rows]
+    assert fv.fastest(fell_back) == ("pl-fast-bf16", 9.8)
     assert fv.fastest(rows[:1]) is None
     defaults = bench.fast_options("pl-fast-bf16")
     for mode in (m for m in bench.MODES if m.startswith("pl-fast")):
