@@ -436,6 +436,90 @@ def test_fast_step_refuses_what_it_does_not_implement() -> None:
         FastStep(module.model, module.objective, module.attack, torch.optim.SGD(module.parameters(), 0.1, 0.9, 0.5))
 
 
+class _FakeStream:
+    """Stands in for torch.cuda.Stream on CPU: records forks/joins and which stream a forward ran on."""
+
+    current = "main"
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log = name, log
+
+    def wait_stream(self, other: _FakeStream) -> None:
+        self.log.append(f"{self.name} waits {other.name}")
+
+
+class _StreamRecorder(nn.Module):
+    def __init__(self, net: nn.Module, log: list[str]) -> None:
+        super().__init__()
+        self.net, self.log = net, log
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.log.append(f"forward on {_FakeStream.current} (grad to input: {x.requires_grad})")
+        return self.net(x)
+
+
+class _LoggedSRE(SRE):
+    def __init__(self, log: list[str]) -> None:
+        super().__init__()
+        self.log = log
+
+    def attack_loss(self, logits_adv: Tensor, logits_clean: Tensor | None, y: Tensor) -> Tensor:
+        self.log.append("attack loss")
+        return super().attack_loss(logits_adv, logits_clean, y)
+
+
+def test_two_stream_step_orders_its_work_and_computes_the_one_stream_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fast.streams=2's control flow, run on CPU with recording stand-ins for the CUDA stream calls: the clean
+    forward runs on the second stream after a fork, the attack's forward alongside it on the main stream, the
+    attack loss only after the main stream waited for the clean forward, and the step ends joined; the
+    weights after two steps are those of the one-stream step, bit for bit."""
+    log: list[str] = []
+
+    @contextlib.contextmanager
+    def on_stream(stream: _FakeStream) -> Iterator[None]:
+        before, _FakeStream.current = _FakeStream.current, stream.name
+        try:
+            yield
+        finally:
+            _FakeStream.current = before
+
+    main = _FakeStream("main", log)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "stream", on_stream)
+    results = []
+    for streams in (1, 2):
+        torch.manual_seed(0)
+        module = FReP(_StreamRecorder(build_model("resnet18", width=4), log), objective=_LoggedSRE(log))
+        optimizer = module.configure_optimizers()["optimizer"]
+        step = FastStep(module.model, module.objective, module.attack, optimizer, capture="none", sgd="foreach")
+        if streams == 2:
+            step._aux = _FakeStream("aux", log)  # what __init__ makes on CUDA
+        x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
+        log.clear()
+        torch.manual_seed(1)
+        step(x, y)
+        first = list(log)
+        step(x.flip(3), y)
+        results.append(([p.detach().clone() for p in module.model.parameters()], first))
+    (one, one_log), (two, two_log) = results
+    assert one_log == [
+        "forward on main (grad to input: False)",
+        "forward on main (grad to input: True)",
+        "attack loss",
+        "forward on main (grad to input: False)",
+    ]
+    assert two_log == [
+        "aux waits main",  # fork
+        "forward on aux (grad to input: False)",  # clean
+        "forward on main (grad to input: True)",  # attack, alongside
+        "main waits aux",  # the reference is needed now
+        "attack loss",
+        "forward on main (grad to input: False)",  # adversarial
+        "main waits aux",  # join before the update
+    ]
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_two_stream_captured_step_equals_one_stream_eager_step() -> None:
     """fast.streams=2 moves the clean forward (and its backward) to a second stream; it must not change a
