@@ -468,7 +468,10 @@ class _LoggedSRE(SRE):
         return super().attack_loss(logits_adv, logits_clean, y)
 
 
-def test_two_stream_step_orders_its_work_and_computes_the_one_stream_step(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("cache", [False, True], ids=["", "cached-weights"])
+def test_two_stream_step_orders_its_work_and_computes_the_one_stream_step(
+    cache: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """fast.streams=2's control flow, run on CPU with recording stand-ins for the CUDA stream calls: the clean
     forward runs on the second stream after a fork, the attack's forward alongside it on the main stream, the
     attack loss only after the main stream waited for the clean forward, and the step ends joined; the
@@ -491,9 +494,13 @@ def test_two_stream_step_orders_its_work_and_computes_the_one_stream_step(monkey
         torch.manual_seed(0)
         module = FReP(_StreamRecorder(build_model("resnet18", width=4), log), objective=_LoggedSRE(log))
         optimizer = module.configure_optimizers()["optimizer"]
-        step = FastStep(module.model, module.objective, module.attack, optimizer, capture="none", sgd="foreach")
+        kw: dict[str, Any] = {"capture": "none", "sgd": "foreach", "cache_weights": cache}
+        step = FastStep(module.model, module.objective, module.attack, optimizer, **kw)
         if streams == 2:
             step._aux = _FakeStream("aux", log)  # what __init__ makes on CUDA
+        if cache:
+            fill = step._fill_weight_cache
+            step._fill_weight_cache = lambda fill=fill: (log.append("weights made"), fill())[1]  # type: ignore[method-assign]
         x, y = torch.rand(8, 3, 32, 32), torch.randint(0, 10, (8,))
         log.clear()
         torch.manual_seed(1)
@@ -502,6 +509,9 @@ def test_two_stream_step_orders_its_work_and_computes_the_one_stream_step(monkey
         step(x.flip(3), y)
         results.append(([p.detach().clone() for p in module.model.parameters()], first))
     (one, one_log), (two, two_log) = results
+    if cache:  # made once, first, on the main stream: the second stream forks after they are there
+        assert one_log[0] == two_log[0] == "weights made"
+        one_log, two_log = one_log[1:], two_log[1:]
     assert one_log == [
         "forward on main (grad to input: False)",
         "forward on main (grad to input: True)",
