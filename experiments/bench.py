@@ -25,6 +25,9 @@ Timing: CUDA events around the timed loop only (one synchronisation before and a
 warm-up steps (which include the capture); steps are capped by --max-seconds per mode. A mode
 that fails (capture error, OOM, compile error) prints the error and gets a line in the table.
 
+--profile MODES: torch.profiler over a few steps of those bare fast modes (kernels per step, GPU time by
+kernel and by kind: convolution, batch norm, the rest), to see where a step's time goes.
+
 --check (on by default on CUDA): the captured step against the plain eager step from the same
 weights and RNG state, through a pruning event and an LR drop (cuDNN deterministic): the weight
 difference, and whether pruned weights stayed exactly zero; also the two-stream captured step
@@ -256,6 +259,7 @@ class Bench:
     args: argparse.Namespace
     rows: list[Row] = field(default_factory=list)
     check: dict[str, Any] | None = None
+    profiles: list[dict[str, Any]] = field(default_factory=list)
     e2e: list[dict[str, Any]] = field(default_factory=list)
     started: float = field(default_factory=time.perf_counter)
     path: Path | None = None
@@ -378,6 +382,7 @@ class Bench:
             "rows": [asdict(r) for r in self.rows],
             "ratios": self.ratios(),
             "check": self.check,
+            "profiles": self.profiles,
             "e2e": self.e2e,
         }
         (out / f"{name}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
@@ -442,6 +447,8 @@ class Bench:
         if self.check is not None:
             lines += ["", "## Captured step vs plain eager step (--check)", ""]
             lines += [f"- {k}: {v}" for k, v in self.check.items()]
+        for prof in self.profiles:
+            lines += profile_markdown(prof)
         for run in self.e2e:
             lines += ["", f"## End to end: {run.get('path')} path", ""]
             lines += [f"- {k}: {v}" for k, v in run.items() if k != "phases"]
@@ -565,6 +572,99 @@ def capture_check(device: torch.device, model: str, width: int | None, bs: int, 
         return out
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
+
+
+# ---- kernel profile ---------------------------------------------------------------------------
+# Kernel-name heuristics for the summary (cuDNN/CUTLASS names vary by version; the raw table is the truth)
+KERNEL_KINDS = (
+    ("convolution", ("conv", "implicit_gemm", "xmma", "fprop", "dgrad", "wgrad", "gemm", "cutlass")),
+    ("batch norm", ("batch_norm", "batchnorm", "bn_fw", "bn_bw", "welford")),
+)
+
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, needles in KERNEL_KINDS:
+        if any(n in low for n in needles):
+            return kind
+    return "other (elementwise, reductions, copies, optimizer)"
+
+
+def profile_step(bench: Bench, model: str, bs: int, mode: str, steps: int = 5) -> dict[str, Any]:
+    """Where a FReP step's time goes: torch.profiler over ``steps`` steps of a bare fast mode after its
+    warm-up (so a captured step is profiled as replays). On CUDA the table lists GPU kernels (calls and
+    microseconds per step); kernel time summed over a step above the step's wall time means kernels ran
+    concurrently (``-s2``). On CPU (tests) it lists CPU operators instead."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = bench.device
+    options = fast_options(mode)
+    bf16 = options["precision"] == "bf16"
+    activities = [ProfilerActivity.CUDA] if bench.cuda else [ProfilerActivity.CPU]
+    batches = synthetic_batches(bs, 2, device)
+
+    def run(capture: str) -> tuple[FastStep, list[dict[str, Any]], float]:
+        module = make_module("frep", model, bench.width(), device)
+        if bf16:
+            module.model.to(memory_format=torch.channels_last)
+        memory_format = torch.channels_last if bf16 else torch.contiguous_format
+        opt = make_optimizer(module)
+        step = FastStep(
+            module.model, module.objective, module.attack, opt, capture=capture, **options, warmup_steps=3,
+            memory_format=memory_format,
+        )  # fmt: skip
+        for i in range(5):  # warm-up and capture
+            step(*batches[i % 2])
+        sync(device)
+        t0 = time.perf_counter()
+        with profile(activities=activities) as prof:
+            for i in range(steps):
+                step(*batches[i % 2])
+            sync(device)
+        wall = (time.perf_counter() - t0) * 1000 / steps
+        rows = []
+        for ev in prof.key_averages():
+            if bench.cuda:
+                if str(getattr(ev, "device_type", "")).split(".")[-1] != "CUDA":
+                    continue
+                us = float(getattr(ev, "self_device_time_total", 0.0) or getattr(ev, "self_cuda_time_total", 0.0))
+            else:
+                us = float(ev.self_cpu_time_total)
+            if us > 0:
+                rows.append({"name": ev.key, "calls_per_step": ev.count / steps, "us_per_step": us / steps})
+        return step, rows, wall
+
+    step, rows, wall_ms = run("cuda_graph")
+    if bench.cuda and not rows:  # the profiler saw no kernel inside the graph replays: profile the same step eagerly
+        step, rows, wall_ms = run("none")
+    rows.sort(key=lambda r: -r["us_per_step"])
+    kinds: dict[str, float] = {}
+    for r in rows:
+        kind = kernel_kind(r["name"])
+        kinds[kind] = kinds.get(kind, 0.0) + r["us_per_step"]
+    return {
+        "model": model,
+        "bs": bs,
+        "mode": mode,
+        "what ran": step.describe(),
+        "what": "GPU kernels" if bench.cuda else "CPU operators (no CUDA: not a GPU profile)",
+        "steps profiled": steps,
+        "wall ms per step (profiler on)": round(wall_ms, 3),
+        "kernels per step": round(sum(r["calls_per_step"] for r in rows), 1),
+        "summed kernel ms per step": round(sum(r["us_per_step"] for r in rows) / 1000, 3),
+        "by kind (ms per step)": {k: round(v / 1000, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "top": rows[:25],
+    }
+
+
+def profile_markdown(prof: dict[str, Any]) -> list[str]:
+    lines = ["", f"## Kernel profile: frep {prof['model']} bs{prof['bs']} {prof['mode']} ({prof['what']})", ""]
+    lines += [f"- {k}: {prof[k]}" for k in prof if k not in ("top", "model", "bs", "mode", "what")]
+    lines += ["", "| kernel | calls/step | µs/step |", "|---|---:|---:|"]
+    for r in prof["top"]:
+        name = r["name"].replace("|", "/")[:110]
+        lines.append(f"| `{name}` | {r['calls_per_step']:.1f} | {r['us_per_step']:.1f} |")
+    return lines
 
 
 # ---- end to end ------------------------------------------------------------------------------
@@ -790,6 +890,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--check", action=argparse.BooleanOptionalAction, default=None, help="captured == eager")
     parser.add_argument("--budget", type=float, default=None, help="skip remaining modes after this many seconds")
     parser.add_argument("--reduced", action=argparse.BooleanOptionalAction, default=None, help="default: no CUDA")
+    parser.add_argument(
+        "--profile",
+        type=_csv(str),
+        default=[],
+        help="bare fast modes to profile kernel by kernel (frep, first model and bs), e.g. fast-bf16,fast-bf16-s2",
+    )
     parser.add_argument("--e2e", action="store_true", help="also run the paper recipe end to end")
     parser.add_argument("--e2e-only", action="store_true", help="only the end-to-end run(s)")
     parser.add_argument("--epochs", type=int, default=100, help="epochs of the end-to-end run")
@@ -824,6 +930,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     for m in args.modes or []:
         if m not in MODES:
             parser.error(f"--modes: {m!r} is not valid; allowed values: {', '.join(MODES)}")
+    for m in args.profile:
+        if m not in MODES or m.startswith(("pl-", "compile")) or m == "eager":
+            parser.error(f"--profile: {m!r} is not a bare fast mode (e.g. fast-bf16, fast-bf16-s2)")
     for p in args.e2e_paths:
         if p not in ("fast", "plain"):
             parser.error(f"--e2e-paths: {p!r} is not valid; allowed values: fast, plain")
@@ -893,6 +1002,16 @@ def _main(args: argparse.Namespace) -> Bench:
             bench.rows.append(row)
             ms = "-" if row.ms is None else f"{row.ms:8.2f} ms {row.images_per_s:9,.0f} img/s"
             print(f"{model:9s} bs{bs:<4d} {method:7s} {mode:13s} {ms}  {row.note}", flush=True)
+            bench.write()
+        for mode in args.profile:
+            try:
+                prof = profile_step(bench, args.models[0], args.batch_sizes[0], mode)
+            except Exception as err:  # a profile is a diagnosis: it must not end the bench
+                prof = {"model": args.models[0], "bs": args.batch_sizes[0], "mode": mode, "what": "FAILED",
+                        "error": f"{type(err).__name__}: {err}", "top": []}  # fmt: skip
+                traceback.print_exc()
+            bench.profiles.append(prof)
+            print(f"profile {mode}: { ({k: v for k, v in prof.items() if k != 'top'}) }", flush=True)
             bench.write()
     if args.e2e or args.e2e_only:
         for path in args.e2e_paths:

@@ -76,6 +76,7 @@ def test_reduced_bench_measures_every_planned_row(bench: ModuleType, tmp_path: P
         (["--e2e-paths", "fastest"], "--e2e-paths"),
         (["--check"], "--check"),
         (["--warmup", "1"], "--warmup"),
+        (["--profile", "pl-fast-bf16"], "--profile"),
     ],
 )
 def test_bad_options_fail_naming_the_option(
@@ -205,3 +206,19 @@ def test_fastest_variant_names_the_overrides_of_the_fastest_lightning_row(bench:
         changed = {k: v for k, v in bench.fast_options(mode).items() if v != defaults[k]}
         expected = sorted(f"fast.{k}={str(v).lower()}" for k, v in changed.items())
         assert sorted(fv.overrides(mode)) == expected, mode
+
+
+def test_profile_counts_what_a_step_runs(bench: ModuleType, tmp_path: Path, one_thread: None) -> None:
+    """--profile (here CPU operators: the same code lists GPU kernels on CUDA): a FReP step runs its 20
+    convolutions forward three times (clean, attack, adversarial) and backward three times (the attack's
+    input gradient, both branches), and the report shows the table."""
+    argv = ["--reduced", "--device", "cpu", "--models", "resnet18", "--methods", "frep", "--modes", "fast-fp32"]
+    result = bench.main([*argv, "--profile", "fast-fp32", "--out-dir", str(tmp_path)])
+    (prof,) = result.profiles
+    calls = {r["name"]: r["calls_per_step"] for r in prof["top"]}
+    convs = sum(1 for m in bench.build_model("resnet18", width=4).modules() if isinstance(m, torch.nn.Conv2d))
+    assert calls["aten::convolution_backward"] == 3 * convs
+    assert prof["what ran"].startswith("eager, fp32") and prof["summed kernel ms per step"] > 0
+    assert set(prof["by kind (ms per step)"]) >= {"convolution", "batch norm"}
+    md = result.path.read_text()
+    assert "## Kernel profile: frep resnet18 bs8 fast-fp32" in md and "| `aten::convolution_backward` | 60.0 |" in md

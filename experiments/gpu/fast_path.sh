@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 4 in one budgeted GPU call: (1) the step bench at bs 128 for ResNet-18 with the fast-path variants
 # that need no compile (base, fast.streams=2, fast.cache_weights, both), the capture check (which also compares the
-# two-stream replay with the one-stream eager step), and the ratios' denominators (eager PGD-10, natural);
+# two-stream replay with the one-stream eager step), the ratios' denominators (eager PGD-10, natural) and a
+# kernel profile of the plain and two-stream captured steps (where the ~10 ms go; PROFILE= to change);
 # (2) the 100-epoch recipe end to end (process start to model.pt and summary.json, per-epoch validation on
 # 1k test images, final PGD-50 on the 10k test split) on the Lightning variant that (1) measured fastest.
 # Everything lands in $OUT as it goes: bench-*.md/.json after every row, the e2e run's metrics.csv and log
@@ -15,7 +16,7 @@ T0=$(date +%s); DEADLINE=$(( T0 + ${BUDGET_S:-570} ))
 MODES=${MODES:-eager,fast-bf16,fast-bf16-s2,pl-fast-bf16,pl-fast-bf16-s2,pl-fast-bf16-cw,pl-fast-bf16-cw-s2}
 echo "== bench $(date -u +%FT%TZ)" | tee "$OUT/fast_path.log"
 timeout $(( ${BENCH_S:-100} + 40 )) python3 experiments/bench.py --out-dir "$OUT" --models resnet18 --batch-sizes 128 \
-  --methods frep,natural,pgd10 --modes "$MODES" $([ -n "${COMPILE:-}" ] && echo --compile || echo --no-compile) --budget "${BENCH_S:-100}" --tag=-steps 2>&1 \
+  --methods frep,natural,pgd10 --modes "$MODES" $([ -n "${COMPILE:-}" ] && echo --compile || echo --no-compile) --budget "${BENCH_S:-100}" --profile "${PROFILE:-fast-bf16,fast-bf16-s2}" --tag=-steps 2>&1 \
   | grep -v Warning | tee -a "$OUT/fast_path.log"
 # decode the pack into the cache now (a user's second run finds it there); its time is reported, not hidden
 t=$(date +%s)
