@@ -34,7 +34,7 @@ TABLES = {
     "table3": (8, {"data", "model", "method"}),
     "table4": (18, {"data", "++pruning.sparsity", "method"}),
     "table4_structured": (18, {"data", "++pruning.sparsity", "method"}),
-    "table5": (4, {"method"}),
+    "table5": (8, {"method", "fast.enabled"}),
     "table6": (20, {"++pruning.sparsity", "method"}),
     "table7": (20, {"data", "ensemble", "objective"}),
     "table8": (9, {"++pruning.sparsity", "method.reparam_init"}),
@@ -80,6 +80,18 @@ def test_table_sweep_grid_size_and_jobs_compose(table: str) -> None:
             assert job_cfg.method.name == given["method"]
         if "pruning.sparsity" in given and enabled(job_cfg.pruning):
             assert job_cfg.pruning.sparsity == float(given["pruning.sparsity"])
+
+
+def test_table5_times_the_plain_and_the_fast_path() -> None:
+    """Table V's sweep: each method once on the plain path (fp32, the paper's setting) and once on the fast
+    path in bf16 + channels-last; the fast half's module is FastFReP with those options."""
+    from frep_lightning.fast import FastFReP
+    from frep_lightning.train import build_module
+
+    plain, fast = (cfg_for("experiment=table5", "model.width=4", f"fast.enabled={e}") for e in ("false", "true"))
+    assert type(build_module(plain)).__name__ == "FReP"
+    module = build_module(fast)
+    assert isinstance(module, FastFReP) and module.fast_options["precision"] == "bf16" and module.channels_last
 
 
 def test_table_specific_settings() -> None:
