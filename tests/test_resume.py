@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 import frep_lightning.train as train_module
-from frep_lightning.checkpointing import AtomicCheckpointIO, LastCheckpoint, NonFiniteStateError, RNGState
+from frep_lightning.checkpointing import (
+    AtomicCheckpointIO,
+    BackgroundCheckpointIO,
+    LastCheckpoint,
+    NonFiniteStateError,
+    RNGState,
+)
 from frep_lightning.config import config_dir
 from frep_lightning.data import ImageClassificationData
 from frep_lightning.ensemble import TemporalEnsemble
@@ -376,10 +383,8 @@ def test_background_write_holds_the_state_of_its_save_point(tmp_path: Path) -> N
     """checkpoint.background: the file holds the state at save time although training changes the tensors
     in place right after; the writer is waited for at teardown; a refused (non-finite) write is raised
     there, not lost, and the file on disk stays the last good one."""
-    from lightning.pytorch.plugins.io import AsyncCheckpointIO
-
     io = train_module.checkpoint_io(OmegaConf.create({"checkpoint": {"background": True}}))
-    assert isinstance(io, AsyncCheckpointIO) and isinstance(io.checkpoint_io, AtomicCheckpointIO)
+    assert isinstance(io, BackgroundCheckpointIO) and isinstance(io.checkpoint_io, AtomicCheckpointIO)
     assert isinstance(
         train_module.checkpoint_io(OmegaConf.create({"checkpoint": {"background": False}})), AtomicCheckpointIO
     )
@@ -395,6 +400,35 @@ def test_background_write_holds_the_state_of_its_save_point(tmp_path: Path) -> N
     with pytest.raises(NonFiniteStateError):
         io.teardown()
     assert AtomicCheckpointIO().load_checkpoint(path)["global_step"] == 1
+
+
+class _SlowIO(AtomicCheckpointIO):
+    """Takes 0.15 s per write and records when each write ends."""
+
+    def __init__(self, ended: list[float]) -> None:
+        super().__init__()
+        self.ended = ended
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        time.sleep(0.15)
+        super().save_checkpoint(checkpoint, path)
+        self.ended.append(time.perf_counter())
+
+
+def test_background_writes_never_pile_up(tmp_path: Path) -> None:
+    """Saves faster than the disk (checkpoint.every_n_train_steps=1 on a fast GPU): each save waits for the
+    previous write, so at most one clone of the state is ever waiting, and every file is complete."""
+    ended: list[float] = []
+    io = BackgroundCheckpointIO(_SlowIO(ended))
+    returned = []
+    for step in range(4):
+        io.save_checkpoint({"state_dict": {"w": torch.full((1000,), float(step))}, "global_step": step}, tmp_path / "c")
+        returned.append(time.perf_counter())
+    io.teardown()
+    assert len(ended) == 4
+    for k in range(1, 4):  # save k returned only after write k-1 had ended
+        assert returned[k] >= ended[k - 1]
+    assert AtomicCheckpointIO().load_checkpoint(tmp_path / "c")["global_step"] == 3
 
 
 @pytest.mark.usefixtures("deterministic")

@@ -11,6 +11,8 @@ resume a run exactly.
   epoch's last batch: Lightning resumes a checkpoint taken there as "mid-epoch" and skips that
   epoch's validation, its ``on_train_epoch_end`` and the next ``on_train_epoch_start`` (where
   pruning happens), so the resumed run would diverge.
+* :class:`BackgroundCheckpointIO` writes them in a background thread (``checkpoint.background``),
+  one write in flight at most.
 * :class:`RNGState` puts the global random state (torch, CUDA, numpy, Python) into the
   checkpoint and restores it on resume: the training attack's random start draws from it.
   Batch order and augmentation have their own seeded state, see
@@ -30,6 +32,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from torch import Tensor
 
 from frep_lightning.export import atomic_write_bytes, safe_load
@@ -88,6 +91,29 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
             raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict' entry); cannot resume from it")
         return checkpoint
+
+
+class BackgroundCheckpointIO(AsyncCheckpointIO):
+    """Lightning's ``AsyncCheckpointIO`` (state cloned at the save point, written by one worker thread)
+    with at most one write in flight: a save first waits for the previous one. Frequent saves
+    (``checkpoint.every_n_train_steps``) then slow training to the disk's pace instead of queueing a
+    device-side clone of the whole state per save until memory runs out. Loads and removals wait too."""
+
+    def _wait(self) -> None:
+        if self._executor is not None:
+            self._executor.submit(lambda: None).result()  # one FIFO worker: everything before is done
+
+    def save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+        self._wait()
+        super().save_checkpoint(*args, **kwargs)
+
+    def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self._wait()
+        return super().load_checkpoint(*args, **kwargs)
+
+    def remove_checkpoint(self, *args: Any, **kwargs: Any) -> None:
+        self._wait()
+        super().remove_checkpoint(*args, **kwargs)
 
 
 class LastCheckpoint(ModelCheckpoint):

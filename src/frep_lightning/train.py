@@ -23,13 +23,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from frep_lightning import __version__
 from frep_lightning.attacks import PGD, parse_eps
-from frep_lightning.checkpointing import AtomicCheckpointIO, LastCheckpoint, RNGState
+from frep_lightning.checkpointing import AtomicCheckpointIO, BackgroundCheckpointIO, LastCheckpoint, RNGState
 from frep_lightning.config import config_dir, enabled, num_classes, validate_train_config
 from frep_lightning.evaluate import config_attacks, evaluate
 from frep_lightning.export import MergeReparameterization, load_state_dict_file, write_json
@@ -107,7 +106,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> tuple[list[Callback], Mer
 def checkpoint_io(cfg: DictConfig) -> CheckpointIO:
     """Atomic, weights-only checkpoint files; written in a background thread with ``checkpoint.background``."""
     io = AtomicCheckpointIO()
-    return AsyncCheckpointIO(io) if OmegaConf.select(cfg, "checkpoint.background", default=False) else io
+    return BackgroundCheckpointIO(io) if OmegaConf.select(cfg, "checkpoint.background", default=False) else io
 
 
 def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
