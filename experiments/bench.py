@@ -687,6 +687,7 @@ class PhaseTimer(pl.Callback):
 
     def __init__(self, cuda: bool) -> None:
         self.cuda = cuda
+        self.started = time.time()
         self.totals: dict[str, float] = {}
         self.stack: list[tuple[str, float]] = []
         self.marks: dict[str, float] = {}
@@ -756,6 +757,9 @@ class PhaseTimer(pl.Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
         self.pop("train")
+        # one line per epoch, so a run cut by a deadline still shows its pace (and the phases so far)
+        so_far = ", ".join(f"{k} {v:.1f}" for k, v in self.totals.items())
+        print(f"e2e epoch {trainer.current_epoch} done at {time.time() - self.started:.1f} s ({so_far})", flush=True)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
         if trainer.state.fn == "fit":
