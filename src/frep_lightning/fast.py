@@ -17,6 +17,12 @@ objective's attack loss, adversarial forward, objective, SGD), with nothing chan
 - loss and accuracies are summed on the device and read once per epoch (no host sync in a step);
   a non-finite loss is counted there and raised at the end of the epoch.
 
+Options that keep the numbers (or change only their rounding) to fill the GPU further at batch 128:
+``streams=2`` (the clean forward and its backward on a second stream, beside the attack's forward and
+the adversarial branch), ``cache_weights`` (every W1*W2*mask once per step, two multi-tensor kernels)
+and ``compile_model`` (inductor's fused kernels inside the same graph); ``experiments/bench.py``
+times each.
+
 A fingerprint of every storage pointer the graph touches (parameters, buffers, momentum buffers)
 and of the hyper-parameters baked into it (momentum, weight decay, objective, attack) is checked
 before each replay; any change re-captures the step. Warm-up steps (``warmup_steps``, run
