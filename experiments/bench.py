@@ -184,6 +184,27 @@ def make_optimizer(module: FReP) -> torch.optim.SGD:
     return module.configure_optimizers()["optimizer"]  # the recipe's SGD (0.9, wd 2e-4, lr 0.1)
 
 
+def make_fast_step(
+    method: str, model: str, width: int | None, device: torch.device, mode: str, capture: str, warmup_steps: int
+) -> FastStep:
+    """The FastStep a bare fast mode names (bf16 modes: channels-last model and inputs)."""
+    module = make_module(method, model, width, device)
+    options = fast_options(mode)
+    bf16 = options["precision"] == "bf16"
+    if bf16:
+        module.model.to(memory_format=torch.channels_last)
+    return FastStep(
+        module.model,
+        module.objective,
+        module.attack,
+        make_optimizer(module),
+        capture=capture,
+        **options,
+        warmup_steps=warmup_steps,
+        memory_format=torch.channels_last if bf16 else torch.contiguous_format,
+    )
+
+
 def synthetic_batches(bs: int, n: int, device: torch.device, seed: int = 0) -> list[tuple[Tensor, Tensor]]:
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -302,14 +323,11 @@ class Bench:
         return row
 
     def _bare(self, model: str, bs: int, method: str, mode: str) -> tuple[float, int, str]:
-        module = make_module(method, model, self.width(), self.device)
-        bf16 = "bf16" in mode
-        if bf16:
-            module.model.to(memory_format=torch.channels_last)
-        optimizer = make_optimizer(module)
         batches = synthetic_batches(bs, 4, self.device)
         warmup = self.args.warmup
         if mode == "eager":
+            module = make_module(method, model, self.width(), self.device)
+            optimizer = make_optimizer(module)
             ms, n = time_loop(
                 lambda i: eager_step(module, optimizer, *batches[i % 4]),
                 self.device,
@@ -319,16 +337,7 @@ class Bench:
             )
             return ms, n, "fp32, torch.optim.SGD"
         capture = "compile" if mode.startswith("compile") else "cuda_graph"
-        step = FastStep(
-            module.model,
-            module.objective,
-            module.attack,
-            optimizer,
-            capture=capture,
-            **fast_options(mode),
-            warmup_steps=max(1, min(3, warmup - 1)),
-            memory_format=torch.channels_last if bf16 else torch.contiguous_format,
-        )
+        step = make_fast_step(method, model, self.width(), self.device, mode, capture, max(1, min(3, warmup - 1)))
         ms, n = time_loop(lambda i: step(*batches[i % 4]), self.device, warmup, self.args.steps, self.args.max_seconds)
         metrics = step.read_metrics()
         if metrics["nonfinite"]:
@@ -598,21 +607,11 @@ def profile_step(bench: Bench, model: str, bs: int, mode: str, steps: int = 5) -
     from torch.profiler import ProfilerActivity, profile
 
     device = bench.device
-    options = fast_options(mode)
-    bf16 = options["precision"] == "bf16"
     activities = [ProfilerActivity.CUDA] if bench.cuda else [ProfilerActivity.CPU]
     batches = synthetic_batches(bs, 2, device)
 
     def run(capture: str) -> tuple[FastStep, list[dict[str, Any]], float]:
-        module = make_module("frep", model, bench.width(), device)
-        if bf16:
-            module.model.to(memory_format=torch.channels_last)
-        memory_format = torch.channels_last if bf16 else torch.contiguous_format
-        opt = make_optimizer(module)
-        step = FastStep(
-            module.model, module.objective, module.attack, opt, capture=capture, **options, warmup_steps=3,
-            memory_format=memory_format,
-        )  # fmt: skip
+        step = make_fast_step("frep", model, bench.width(), device, mode, capture, warmup_steps=3)
         for i in range(5):  # warm-up and capture
             step(*batches[i % 2])
         sync(device)
