@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
-from frep_lightning.pruning import RobustPruning
+from frep_lightning.pruning import RobustPruning, channel_masks
 from frep_lightning.reparam import iter_masked
 
 
@@ -79,12 +79,7 @@ def monotone_masks(
         guaranteed[n][v.argmax()] = True  # the best live channel of every layer
     rest = torch.cat([v.masked_fill(guaranteed[n], float("-inf")) for n, v in norms.items()])
     keep = _topk_keep(rest, n_keep - len(norms)) | torch.cat(list(guaranteed.values()))
-    masks, start = {}, 0
-    for n, w in weights.items():
-        rows = keep[start : start + w.shape[0]].to(w.dtype)
-        masks[n] = rows.view(-1, *([1] * (w.dim() - 1))).expand_as(w).contiguous()
-        start += w.shape[0]
-    return masks
+    return channel_masks(keep, weights)
 
 
 class GradualPruning(RobustPruning):

@@ -67,9 +67,14 @@ def global_channel_masks(weights: dict[str, Tensor], sparsity: float, min_channe
     flat_keep = torch.cat(list(keep.values()))
     if extra > 0:
         flat_keep[torch.topk(rest, extra, sorted=False).indices] = True
+    return channel_masks(flat_keep, weights)
+
+
+def channel_masks(keep: Tensor, weights: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Weight-shaped 0/1 masks from ``keep``, one flag per output channel of every layer in turn."""
     masks, start = {}, 0
     for n, w in weights.items():
-        rows = flat_keep[start : start + w.shape[0]].to(w.dtype)
+        rows = keep[start : start + w.shape[0]].to(w.dtype)
         masks[n] = rows.view(-1, *([1] * (w.dim() - 1))).expand_as(w).contiguous()
         start += w.shape[0]
     return masks
