@@ -84,12 +84,8 @@ class CrossEntropyAT(Objective):
         return F.cross_entropy(logits_adv, y)
 
 
-class TRADES(Objective):
-    """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(softmax(f(x)) || softmax(f(x_adv))), batch mean.
-
-    The attack maximises the KL term against the detached clean output (the reference), as in
-    the reference implementation; with ``beta = 6`` as there.
-    """
+class _BetaWeighted(Objective):
+    """An objective with one weight ``beta`` >= 0 on its robustness term (TRADES, MART)."""
 
     def __init__(self, beta: float = 6.0) -> None:
         if not beta >= 0:
@@ -97,7 +93,15 @@ class TRADES(Objective):
         self.beta = float(beta)
 
     def __repr__(self) -> str:
-        return f"TRADES(beta={self.beta})"
+        return f"{type(self).__name__}(beta={self.beta})"
+
+
+class TRADES(_BetaWeighted):
+    """TRADES (Zhang et al. 2019): CE(f(x), y) + beta * KL(softmax(f(x)) || softmax(f(x_adv))), batch mean.
+
+    The attack maximises the KL term against the detached clean output (the reference), as in
+    the reference implementation; with ``beta = 6`` as there.
+    """
 
     @staticmethod
     def kl(logits_ref: Tensor, logits_adv: Tensor) -> Tensor:
@@ -115,7 +119,7 @@ class TRADES(Objective):
         return F.cross_entropy(logits_clean, y) + self.beta * self.kl(logits_clean, logits_adv)
 
 
-class MART(Objective):
+class MART(_BetaWeighted):
     """MART (Wang et al. 2020): boosted CE on x_adv plus a KL term weighted by how badly the clean
     input is classified:
 
@@ -126,14 +130,6 @@ class MART(Objective):
     constants (1.0001, 1e-12, 1.0000001) are the reference implementation's, kept so that
     numbers are comparable.
     """
-
-    def __init__(self, beta: float = 6.0) -> None:
-        if not beta >= 0:
-            raise ValueError(f"method.objective.beta={beta!r} must be >= 0")
-        self.beta = float(beta)
-
-    def __repr__(self) -> str:
-        return f"MART(beta={self.beta})"
 
     def attack_loss(self, logits_adv: Tensor, logits_clean: Tensor | None, y: Tensor) -> Tensor:
         return F.cross_entropy(logits_adv, y)
