@@ -617,11 +617,10 @@ class FastFReP(FReP):
             if not isinstance(flag, bool):
                 raise ValueError(f"fast.{key} must be true or false, got {flag!r}")
         _check_compile_model(compile_model, capture, cache_weights)
-        _check_streams(streams, capture)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
             raise ValueError(f"fast.warmup_steps={warmup_steps!r} must be an integer >= 1 (capture needs a warm-up)")
         super().__init__(model, *args, **kwargs)
-        _check_streams(streams, capture, self.attack)
+        _check_streams(streams, capture, self.attack)  # needs the attack (its BatchNorm mode)
         self.automatic_optimization = False
         self.fast_options = {
             "capture": capture,
