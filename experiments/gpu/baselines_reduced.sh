@@ -64,7 +64,6 @@ run_one() {  # name overrides...
 }
 export -f run_one
 t0=$(date +%s)
-python3 -c "from frep_lightning.data.pack import load_pack as l; [l('$FREP_DATA_DIR/cifar10/'+s+'.npz') for s in ('train','test')]" \
-  && log "decode cache ready after $(( $(date +%s) - t0 ))s"
+decode_pack && log "decode cache ready after $(( $(date +%s) - t0 ))s"
 for n in $ORDER; do echo "$n ${JOB[$n]}"; done | xargs -P "${PARALLEL:-2}" -I{} bash -c 'run_one {}'
 log "all done after $(( $(date +%s) - t0 ))s"

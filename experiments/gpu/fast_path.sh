@@ -17,7 +17,7 @@ MODES=${MODES:-eager,fast-bf16,fast-bf16-s2,pl-fast-bf16,pl-fast-bf16-s2,pl-fast
 echo "== bench $(date -u +%FT%TZ)" | tee "$OUT/fast_path.log"
 # meanwhile, on one CPU core, decode the pack into the cache (a user's second run finds it there); its time is
 # reported, not part of the e2e time
-( t=$(date +%s); python3 -c "from frep_lightning.data.pack import load_pack as l; [l('$FREP_DATA_DIR/cifar10/'+s+'.npz') for s in ('train','test')]" \
+( t=$(date +%s); decode_pack \
   && echo "== decode cache ready in $(( $(date +%s) - t ))s (beside the bench; not in the e2e time)" >> "$OUT/fast_path.log" ) &
 DECODE=$!
 timeout $(( ${BENCH_S:-100} + 40 )) python3 experiments/bench.py --out-dir "$OUT" --models resnet18 --batch-sizes 128 \
