@@ -299,6 +299,9 @@ class FastStep:
         self._groups: list[_Group] = []
         self._tracked: list[Tensor] = []
         self.refresh()
+        if self.cache_weights:  # where _fill_weight_cache files the products: fixed by the modules, found once
+            hadamard, plain, _ = self._products
+            self._cache_keys = _weight_cache_keys([entry[0] for entry in hadamard + plain])
         self._seen_fingerprint: tuple | None = None
         if capture != "none" and not self.cuda:
             log.info("fast.capture=%s needs CUDA; running the fast step eagerly on %s", capture, self.device)
@@ -335,9 +338,8 @@ class FastStep:
         the per-step check sees a changed storage, not at every step."""
         self._groups = self._collect_groups()
         self._tracked = [*self.model.parameters(), *self.model.buffers()]
-        if self.cache_weights:  # what _fill_weight_cache multiplies, and where it files the products
+        if self.cache_weights:  # what _fill_weight_cache multiplies (tensors may have been replaced)
             self._products = _products_by_kind(self.model)
-            self._cache_keys = _weight_cache_keys([entry[0] for entry in self._products[0] + self._products[1]])
         self._tracked += [b for g in self._groups for b in g.buffers]
 
     def _fingerprint(self) -> tuple:
