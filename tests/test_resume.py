@@ -25,6 +25,7 @@ from torch import nn
 
 import frep_lightning.train as train_module
 from frep_lightning.checkpointing import (
+    COMPACT_MASKS,
     AtomicCheckpointIO,
     BackgroundCheckpointIO,
     LastCheckpoint,
@@ -204,6 +205,7 @@ def check_checkpoint_contents(ckpt: dict[str, Any], step: int) -> None:
     sparsity = sum(int((live_sd[k] == 0).sum()) for k in masks) / sum(live_sd[k].numel() for k in masks)
     assert (sparsity == pytest.approx(0.9, abs=1e-3)) if pruned else sparsity == 0.0
     assert all(torch.equal(ensemble_sd[k], live_sd[k]) for k in masks)  # same masks in both models
+    assert all(live_sd[k].dtype == torch.bool for k in masks)  # stored compactly through the trainer's IO
     states = {k.split("{")[0]: v for k, v in ckpt["callbacks"].items()}
     assert states["RobustPruning"]["pruned"] is pruned
     ens = states["TemporalEnsemble"]
@@ -377,6 +379,70 @@ def test_non_finite_state_is_never_written(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteStateError, match=r"current_model_state\.m\.w"):
         io.save_checkpoint({**bad, "global_step": 2}, path)
     assert io.load_checkpoint(path)["global_step"] == 1
+
+
+def _reparameterized_state(sparsity: float, seed: int) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    from frep_lightning.models import build_model
+    from frep_lightning.pruning import apply_masks_, compute_masks
+    from frep_lightning.reparam import reparameterize_
+
+    torch.manual_seed(seed)
+    model = reparameterize_(build_model("resnet18", width=8), kind="hadamard")
+    apply_masks_(model, compute_masks(model, sparsity))
+    return model, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_masks_go_to_disk_as_one_bool_tensor_and_come_back_exactly(tmp_path: Path) -> None:
+    """A quarter of a checkpoint was float masks, twice (live + ensemble): on disk they are bool and
+    written once; our loader gives back the saved dict exactly; a plain torch.load + load_state_dict
+    (LightningModule.load_from_checkpoint) gets the same float buffers."""
+    model, live = _reparameterized_state(0.9, seed=0)
+    ensemble = {k: (v.clone() if k.endswith(".mask") else v * 0.5) for k, v in live.items()}  # own buffers
+    masks = [k for k in live if k.endswith(".mask")]
+    n_mask = sum(live[k].numel() for k in masks)
+    assert masks and all(live[k].dtype == torch.float32 for k in masks)
+    soft = "conv.parametrizations.weight.0.mask"  # a mask that is not 0/1 (someone's soft mask) stays float
+    ensemble[soft] = torch.tensor([0.5, 1.0])
+    checkpoint = {"state_dict": ensemble, "current_model_state": live, "global_step": 7}
+    before = {k: v.clone() for k, v in live.items()}
+
+    AtomicCheckpointIO().save_checkpoint(checkpoint, tmp_path / "compact.ckpt")
+    torch.save(checkpoint, tmp_path / "plain.ckpt")
+    saved = torch.load(tmp_path / "compact.ckpt", weights_only=True)
+    for k in masks:
+        a, b = saved["state_dict"][k], saved["current_model_state"][k]
+        assert a.dtype == torch.bool and torch.equal(a, live[k].bool())
+        assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()  # one tensor for both models
+    assert saved["state_dict"][soft].dtype == torch.float32 and soft not in saved[COMPACT_MASKS]["state_dict"]
+    saved_bytes = (tmp_path / "plain.ckpt").stat().st_size - (tmp_path / "compact.ckpt").stat().st_size
+    assert saved_bytes >= 0.97 * 7 * n_mask  # 2 x 4 bytes per entry became 1
+    assert all(torch.equal(live[k], v) for k, v in before.items()) and checkpoint.keys() == {  # input untouched
+        "state_dict",
+        "current_model_state",
+        "global_step",
+    }
+
+    loaded = AtomicCheckpointIO().load_checkpoint(tmp_path / "compact.ckpt")
+    assert loaded.keys() == checkpoint.keys()
+    for key in ("state_dict", "current_model_state"):
+        assert loaded[key].keys() == checkpoint[key].keys()
+        for k, v in checkpoint[key].items():
+            assert loaded[key][k].dtype == v.dtype and torch.equal(loaded[key][k], v), (key, k)
+    ptr = {
+        key: [loaded[key][k].untyped_storage().data_ptr() for k in masks] for key in checkpoint if key != "global_step"
+    }
+    assert all(a != b for a, b in zip(ptr["state_dict"], ptr["current_model_state"], strict=True))  # own tensors
+
+    _, other = _reparameterized_state(0.5, seed=1)  # a module whose masks differ, then loads the file
+    model.load_state_dict(other)
+    model.load_state_dict(saved["current_model_state"])
+    state = model.state_dict()
+    assert all(state[k].dtype == torch.float32 and torch.equal(state[k], live[k]) for k in masks)
+
+    damaged = {**saved, COMPACT_MASKS: {"state_dict": {masks[0]: "load"}}}
+    torch.save(damaged, tmp_path / "damaged.ckpt")
+    with pytest.raises(ValueError, match="damaged checkpoint"):
+        AtomicCheckpointIO().load_checkpoint(tmp_path / "damaged.ckpt")
 
 
 def test_background_write_holds_the_state_of_its_save_point(tmp_path: Path) -> None:

@@ -6,6 +6,10 @@ resume a run exactly.
   ``last.ckpt`` (Lightning's default stages the file in the system temp dir and *copies* it
   across file systems, which is not atomic). It refuses to write model state holding NaN/Inf,
   so the file on disk is always the last good one, and it loads with ``weights_only=True`` only.
+  Pruning masks go to disk as ``bool`` (1 byte instead of 4), stored once when the live and the
+  ensemble model hold the same mask (they always do): a quarter of a ResNet-18 checkpoint was masks.
+  ``load_state_dict`` copies them into the float buffers as they are; :meth:`AtomicCheckpointIO.load_checkpoint`
+  gives them back their saved dtype.
 * :class:`LastCheckpoint` keeps one ``last.ckpt``, written at epoch ends (after validation and
   every epoch-end hook) and, optionally, every N optimizer steps inside an epoch, never at the
   epoch's last batch: Lightning resumes a checkpoint taken there as "mid-epoch" and skips that
@@ -22,6 +26,7 @@ resume a run exactly.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -38,6 +43,8 @@ from torch import Tensor
 from frep_lightning.export import atomic_write_bytes, safe_load
 
 MODEL_STATE_KEYS = ("state_dict", "current_model_state")
+MASK_KEY = re.compile(r"\.parametrizations\.[^.]+\.\d+\.mask$")  # the buffer of a frep parametrization
+COMPACT_MASKS = "frep_compact_masks"  # checkpoint entry: {model state key: {mask name: saved dtype}}
 
 
 class NonFiniteStateError(FloatingPointError):
@@ -62,6 +69,44 @@ def non_finite_entries(checkpoint: dict[str, Any]) -> list[str]:
     return bad
 
 
+def compact_masks(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """A shallow copy of ``checkpoint`` whose 0/1 floating-point pruning masks are ``bool`` tensors, one
+    tensor object for equal masks of the live and the ensemble model (``torch.save`` writes a shared
+    tensor once). Masks with other values are left as they are. The input is not modified."""
+    out, record, seen = dict(checkpoint), {}, {}
+    for key in MODEL_STATE_KEYS:
+        state = checkpoint.get(key)
+        if not isinstance(state, dict):
+            continue
+        new, dtypes = dict(state), {}
+        for name, t in state.items():
+            if not (isinstance(t, Tensor) and t.is_floating_point() and MASK_KEY.search(name)):
+                continue
+            mask, twin = t.bool(), seen.get(name)
+            if not torch.equal(mask, t == 1):  # not a 0/1 mask: keep it as it is
+                continue
+            new[name] = seen[name] = twin if twin is not None and torch.equal(twin, mask) else mask
+            dtypes[name] = str(t.dtype).removeprefix("torch.")
+        if dtypes:
+            out[key], record[key] = new, dtypes
+    if record:
+        out[COMPACT_MASKS] = record
+    return out
+
+
+def expand_masks(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Undo :func:`compact_masks` in place: every compacted mask back in its saved dtype, its own tensor."""
+    record = checkpoint.pop(COMPACT_MASKS, None) or {}
+    for key, dtypes in record.items():
+        state = checkpoint.get(key)
+        for name, dtype in dtypes.items():
+            target = getattr(torch, str(dtype), None)
+            if not isinstance(state, dict) or name not in state or not isinstance(target, torch.dtype):
+                raise ValueError(f"damaged checkpoint: its {COMPACT_MASKS} entry names {key}/{name} as {dtype!r}")
+            state[name] = state[name].to(target)
+    return checkpoint
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` with atomic local writes, a finiteness guard and weights-only loads."""
 
@@ -75,6 +120,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"{' and more' if len(bad) > 5 else ''} (step {checkpoint.get('global_step')}). The file on disk "
                 "is the last good checkpoint; resume from it with a lower optim.lr."
             )
+        checkpoint = compact_masks(checkpoint)
         if not _is_local_file_protocol(path):
             super().save_checkpoint(checkpoint, path)  # remote stores: fsspec's transactional write
             return
@@ -86,11 +132,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if weights_only is False:
             raise ValueError("frep-lightning loads checkpoints with weights_only=True only (no arbitrary unpickling)")
         if not _is_local_file_protocol(path):
-            return super().load_checkpoint(path, map_location=map_location, weights_only=True)
-        checkpoint = safe_load(path, map_location=map_location)
+            checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=True)
+        else:
+            checkpoint = safe_load(path, map_location=map_location)
         if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
             raise ValueError(f"{path} is not a Lightning checkpoint (no 'state_dict' entry); cannot resume from it")
-        return checkpoint
+        return expand_masks(checkpoint)
 
 
 class BackgroundCheckpointIO(AsyncCheckpointIO):
