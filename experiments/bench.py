@@ -40,7 +40,8 @@ data, train, validation, pruning, ensemble, monitor, checkpoint, export and fina
 
 Writes ``<out-dir>/bench-<device>-<date>.md`` (and ``.json``) after every row, so a run cut short
 keeps what it measured. Without CUDA (or with --reduced) a reduced version runs: tiny widths, a
-few steps, no compile (tests/test_bench.py runs it).
+few steps, no compile; the e2e run on a toy model and data for 3 epochs (``REDUCED_E2E``; later
+``--e2e-overrides`` win). tests/test_bench.py runs both.
 """
 
 from __future__ import annotations
@@ -769,7 +770,29 @@ class PhaseTimer(pl.Callback):
             self.pop("validation")
 
 
-def e2e_overrides(epochs: int, path: str, cuda: bool, run_dir: Path, extra: Sequence[str]) -> list[str]:
+# The reduced e2e (CPU, CI): the same recipe, phases and files, on a toy-sized model and data
+REDUCED_E2E = (
+    "model.width=4",
+    "data.n_train=128",
+    "data.n_val=32",
+    "data.batch_size=32",
+    "data.eval_batch_size=32",
+    "val_attack_steps=1",
+    "monitor.n_images=16",
+    "monitor.steps=1",
+    "ensemble.every_n_steps=2",
+    "ensemble.bn_batches=1",
+    "eval.n_test=32",
+    "eval.batch_size=32",
+    "eval.pgd_steps=2",
+)
+
+
+def e2e_overrides(
+    epochs: int, path: str, cuda: bool, run_dir: Path, extra: Sequence[str], reduced: bool = False
+) -> list[str]:
+    """Hydra overrides of the e2e run: the paper recipe with its schedule scaled to ``epochs``, the fast
+    path's options for ``path=fast``, the toy sizes of ``REDUCED_E2E`` if ``reduced``, then ``extra``."""
     scale = epochs / 100
     milestones = sorted({max(1, min(epochs - 1, round(70 * scale))), max(1, min(epochs - 1, round(85 * scale)))})
     out = [
@@ -787,7 +810,7 @@ def e2e_overrides(epochs: int, path: str, cuda: bool, run_dir: Path, extra: Sequ
     if path == "fast":
         # the per-epoch validation/monitor attacks crafted in bf16 too (scored in fp32; the final eval stays fp32)
         out += ["fast.enabled=true", "fast.precision=bf16", "fast.channels_last=true", "val_attack_precision=bf16"]
-    return out + list(extra)
+    return out + (list(REDUCED_E2E) if reduced else []) + list(extra)
 
 
 def run_e2e(bench: Bench, path: str) -> dict[str, Any]:
@@ -800,7 +823,7 @@ def run_e2e(bench: Bench, path: str) -> dict[str, Any]:
     args = bench.args
     start_wall = time.time()
     run_dir = Path(args.e2e_run_dir) / f"{path}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    overrides = e2e_overrides(args.epochs, path, bench.cuda, run_dir, shlex.split(args.e2e_overrides))
+    overrides = e2e_overrides(args.epochs, path, bench.cuda, run_dir, shlex.split(args.e2e_overrides), args.reduced)
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     timer = PhaseTimer(bench.cuda)
@@ -840,6 +863,7 @@ def run_e2e(bench: Bench, path: str) -> dict[str, Any]:
         "pgd_acc": summary.get("pgd_acc"),
         "pgd_steps": summary.get("pgd_steps"),
         "sparsity": summary.get("sparsity"),
+        "train_step": summary.get("train_step"),
         "seconds, run() start to summary.json": round(end_wall - start_wall, 1),
         "train_seconds (summary)": summary.get("train_seconds"),
         "eval_seconds (summary)": summary.get("eval_seconds"),
@@ -901,7 +925,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--e2e", action="store_true", help="also run the paper recipe end to end")
     parser.add_argument("--e2e-only", action="store_true", help="only the end-to-end run(s)")
-    parser.add_argument("--epochs", type=int, default=100, help="epochs of the end-to-end run")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs of the end-to-end run (100; reduced: 3)")
     parser.add_argument("--e2e-paths", type=_csv(str), default=["fast"], help="fast and/or plain")
     parser.add_argument("--e2e-overrides", default="", help="extra Hydra overrides, e.g. 'data.root=.pack'")
     parser.add_argument("--out-dir", default=str(REPO / "experiments" / "results"))
@@ -915,11 +939,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.reduced is None:
         args.reduced = not cuda
     if args.reduced:
-        defaults = {"models": ["resnet18", "vgg16_bn"], "batch_sizes": [8], "steps": 3, "warmup": 2}
+        defaults = {"models": ["resnet18", "vgg16_bn"], "batch_sizes": [8], "steps": 3, "warmup": 2, "epochs": 3}
         defaults.update({"max_seconds": 0.2, "width": 4, "compile": False, "check": False})
     else:
         defaults = {"models": ["resnet18", "vgg16_bn"], "batch_sizes": [128, 512], "steps": 200, "warmup": 5}
-        defaults.update({"max_seconds": 1.0, "width": None, "compile": cuda, "check": cuda})
+        defaults.update({"max_seconds": 1.0, "width": None, "compile": cuda, "check": cuda, "epochs": 100})
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

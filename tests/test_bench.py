@@ -67,6 +67,37 @@ def test_reduced_bench_measures_every_planned_row(bench: ModuleType, tmp_path: P
     assert ratios["eager PGD-10 / fast FReP (pl-fast-bf16)"] > 0
 
 
+PHASES = ("data", "train", "validation", "monitor", "pruning", "ensemble", "checkpoint", "export", "final eval")
+
+
+def test_reduced_e2e_runs_the_recipe_of_both_paths_phase_by_phase(
+    bench: ModuleType, tmp_path: Path, pack_root: Path, cache_dir: Path
+) -> None:
+    """--e2e on CPU: the paper recipe's config, schedule scaled to 3 epochs, on a toy model and data, through
+    train.run: every phase timed once (nested ones not counted twice), the 99 % sparse model.pt written."""
+    start = time.perf_counter()
+    data = f"data.root={pack_root} data.cache_dir={cache_dir}"
+    argv = ["--e2e-only", "--e2e-paths", "fast,plain", "--device", "cpu", "--out-dir", str(tmp_path)]
+    result = bench.main([*argv, "--e2e-run-dir", str(tmp_path / "runs"), "--e2e-overrides", data])
+    assert time.perf_counter() - start < 120  # ~10 s on an idle 2-core CPU
+    assert result.args.reduced and result.args.epochs == 3 and not result.rows
+    assert [run["path"] for run in result.e2e] == ["fast", "plain"]
+    for run in result.e2e:
+        assert "result" not in run, run  # "FAILED: ..." when train.run raised
+        assert run["epochs"] == 3 and run["global_steps"] == 3 * 128 // 32
+        assert run["sparsity"] == pytest.approx(0.99, abs=1e-4) and Path(run["model_path"]).is_file()
+        assert "pruning.epoch=1" in run["overrides"] and "model.width=4" in run["overrides"]
+        assert run["overrides"].endswith(data)  # the caller's overrides come last
+        phases = run["phases"]
+        assert set(PHASES) <= set(phases) and all(phases[p] > 0 for p in PHASES), phases
+        assert phases["other (config, model build, Lightning, loaders, summary)"] >= 0  # no phase counted twice
+        assert sum(phases.values()) == pytest.approx(run["seconds, run() start to summary.json"], abs=0.1)
+    fast, plain = result.e2e
+    assert fast["train_step"].startswith("eager, bf16") and plain["train_step"].startswith("plain")
+    md = result.path.read_text()
+    assert "## End to end: fast path" in md and "## End to end: plain path" in md and "| final eval |" in md
+
+
 @pytest.mark.parametrize(
     ("argv", "option"),
     [
