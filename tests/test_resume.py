@@ -371,6 +371,25 @@ def test_model_pt_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert torch.equal(load_state_dict_file(path)["w"], torch.ones(2))
 
 
+def test_written_files_get_the_permissions_of_a_plain_open(tmp_path: Path) -> None:
+    """model.pt, summary.json and last.ckpt follow the umask like any file the user writes (the temp file
+    of an atomic write used to stay 0600: unreadable to the rest of a team sharing the sweep directory)."""
+    from frep_lightning.export import write_json
+
+    old = os.umask(0o022)
+    try:
+        for umask, mode in ((0o022, 0o644), (0o077, 0o600), (0o002, 0o664)):
+            os.umask(umask)
+            files = (tmp_path / "model.pt", tmp_path / "summary.json", tmp_path / "checkpoints" / "last.ckpt")
+            save_state_dict({"w": torch.ones(2)}, files[0])
+            write_json({"clean_acc": 0.5}, files[1])
+            AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(2)}, "global_step": 1}, files[2])
+            assert [oct(f.stat().st_mode & 0o777) for f in files] == [oct(mode)] * 3, oct(umask)
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["checkpoints", "last.ckpt", "model.pt", "summary.json"]
+
+
 def test_non_finite_state_is_never_written(tmp_path: Path) -> None:
     io = AtomicCheckpointIO()
     path = tmp_path / "last.ckpt"

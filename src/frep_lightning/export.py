@@ -13,7 +13,7 @@ import copy
 import json
 import os
 import pickle
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,26 @@ from frep_lightning.pruning import sparsity_report
 from frep_lightning.reparam import iter_masked, merge_
 
 
+def _new_temp_file(path: Path) -> tuple[int, str]:
+    """A new empty file beside ``path``, opened for writing, with the permissions a plain ``open`` would
+    give (0666 minus the umask; ``tempfile.mkstemp`` makes 0600, which hid models and checkpoints from
+    the rest of a team sharing a sweep directory). Thread-safe: the kernel applies the umask."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file beside {path}")
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], write: Any) -> None:
     """Write via ``write(file_object)`` to a temp file in the same directory, then rename:
     a crash never leaves a half-written file under the final name."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _new_temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
