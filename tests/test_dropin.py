@@ -290,7 +290,7 @@ class Factored(torch.optim.Optimizer):
             lambda: SmallModule(),
             lambda: [MergeReparameterization(attr="model")],
             AttributeError,
-            r"MergeReparameterization\(attr='model'\): the LightningModule has no such submodule",
+            r"MergeReparameterization\(attr='model'\): in the LightningModule that is no such attribute",
         ),
     ],
     ids=["no-conv", "no-match", "two-optimizers", "lbfgs", "no-forward", "no-attr"],
@@ -317,3 +317,190 @@ def test_optimizer_with_unmaskable_state_fails_at_pruning(tmp_path: Path, make_p
     with pytest.raises(ValueError, match=r"Factored state 'row_var' has shape \(4,\) for a parameter of shape"):
         quiet_trainer(tmp_path, [pruning], max_epochs=3).fit(module)
     assert not pruning.pruned and all(bool((p.mask == 1).all()) for _, _, p in iter_masked(module))
+
+
+# ---- what a user's own project brings: training limits, model building, loaders, schedules, dtypes ----
+def test_max_steps_before_the_pruning_epoch_fails_before_training(tmp_path: Path) -> None:
+    steps = Steps()  # 2 batches per epoch: pruning at epoch 2 starts after step 4
+    trainer = helpers.quiet_trainer(tmp_path, [RobustPruning(sparsity=0.5, epoch=2), steps], max_epochs=-1, max_steps=4)
+    with pytest.raises(ValueError, match=r"pruning\.epoch=2 starts after optimizer step 4 .* trainer\.max_steps=4"):
+        trainer.fit(SmallModule())
+    assert steps.n == 0
+
+
+def test_training_stopped_before_pruning_says_the_model_is_dense(tmp_path: Path) -> None:
+    class StopNow(pl.Callback):
+        def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            trainer.should_stop = True  # early stopping, max_time, ... before epoch 2
+
+    pruning = RobustPruning(sparsity=0.5, epoch=2)
+    with pytest.warns(UserWarning, match=r"before pruning\.epoch=2: the model was NOT pruned and is dense"):
+        quiet_trainer(tmp_path, [pruning, StopNow()], max_epochs=4).fit(SmallModule())
+    assert not pruning.pruned
+
+
+class LateNet(SmallModule):
+    """Builds (``configure_model``) or reparameterizes (``setup``) its network after the callbacks' setup."""
+
+    def __init__(self, late: str) -> None:
+        super().__init__(net=nn.Identity() if late == "configure_model" else None)
+        self.late = late
+
+    def configure_model(self) -> None:
+        if self.late == "configure_model" and isinstance(self.net, nn.Identity):
+            self.net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+
+    def setup(self, stage: str) -> None:
+        if self.late == "setup":
+            reparameterize_(self.net, "hadamard")
+
+
+def test_a_model_built_or_reparameterized_too_late_fails_naming_where_to_do_it(tmp_path: Path) -> None:
+    steps = Steps()
+    with pytest.raises(ValueError, match=r"layers made in configure_model\(\) / setup\(\) come too late.*__init__"):
+        quiet_trainer(tmp_path, [RobustPruning(0.5, epoch=0), steps], max_epochs=1).fit(LateNet("configure_model"))
+    with pytest.raises(ValueError, match=r"already carry another frep parametrization: 0 \(Plain\).*__init__"):
+        quiet_trainer(tmp_path, [RobustPruning(0.5, epoch=0), steps], max_epochs=1).fit(LateNet("setup"))
+    assert steps.n == 0
+
+
+def test_arguments_accept_numpy_numbers_and_one_pattern_string() -> None:
+    import numpy as np
+
+    pruning = RobustPruning(sparsity=np.float32(0.5), epoch=np.int64(1), include="net.*", exclude="net.2")
+    assert (pruning.sparsity, pruning.epoch, pruning.include, pruning.exclude) == (0.5, 1, ("net.*",), ("net.2",))
+    assert type(pruning.epoch) is int
+    ens = TemporalEnsemble(tau0=np.float64(0.99), every_n_steps=np.int32(3))
+    assert (ens.tau0, ens.every_n_steps) == (0.99, 3)
+    for bad, key in (({"every_n_steps": True}, "ensemble.every_n_steps"), ({"c": "10"}, "ensemble.c")):
+        with pytest.raises(ValueError, match=key):
+            TemporalEnsemble(**bad)
+    with pytest.raises(ValueError, match=r"pruning\.include=\[3\] must be a pattern or a list of patterns"):
+        RobustPruning(0.5, include=[3])
+    module = SmallModule()
+    RobustPruning(0.5, epoch=0, exclude="net.2").setup(helpers.quiet_trainer(".", max_epochs=2), module, "fit")
+    assert [n for n, _, _ in iter_masked(module)] == ["net.0"]  # "net.2" is one pattern, not 5 characters
+
+
+class Seen(pl.Callback):
+    """The training batches (their sums) in the order the steps saw them."""
+
+    def __init__(self) -> None:
+        self.sums: list[float] = []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        self.sums.append(round(float(batch[0].sum()), 4))
+
+
+class BNModule(SmallModule):
+    """BatchNorm, a validation loop, and a training loader of the user's choosing."""
+
+    def __init__(self, loader: Any) -> None:
+        super().__init__(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 10)))
+        self.loader = loader
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = (batch["image"], batch["label"]) if isinstance(batch, dict) else batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = (batch["image"], batch["label"]) if isinstance(batch, dict) else batch
+        self.log("val_loss", nn.functional.cross_entropy(self.net(x), y))
+
+    def train_dataloader(self) -> Any:
+        return self.loader(True)
+
+    def val_dataloader(self) -> Any:
+        return self.loader(False)
+
+
+def test_mid_epoch_validation_with_persistent_workers_trains_on_every_batch(tmp_path: Path) -> None:
+    """The ensemble's BN re-estimation before a mid-epoch validation used to restart the epoch's
+    persistent-worker iterator: training silently repeated its first batches."""
+
+    def loader(train: bool) -> DataLoader:
+        data = random_images(24, size=8)
+        return DataLoader(data, batch_size=4, shuffle=train, num_workers=1, persistent_workers=True)
+
+    seen = []
+    for callbacks in ([], [TemporalEnsemble(every_n_steps=1, bn="recompute", bn_batches=2)]):
+        torch.manual_seed(0)
+        seen.append(Seen())
+        trainer = helpers.quiet_trainer(tmp_path, [*callbacks, seen[-1]], max_epochs=2, val_check_interval=2)
+        trainer.fit(BNModule(loader))
+    assert len(seen[0].sums) == 12 and len(set(seen[0].sums)) == 12
+    assert seen[1].sums == seen[0].sums  # the same 12 batches, in the same order, with the ensemble on
+
+
+def test_dict_batches_need_inputs_and_work_with_it(tmp_path: Path) -> None:
+    data = random_images(16, size=8)
+
+    def loader(train: bool) -> DataLoader:
+        return DataLoader([{"image": x, "label": y} for x, y in data], batch_size=4)
+
+    with pytest.raises(TypeError, match=r"got a dict; pass TemporalEnsemble\(inputs=lambda batch: batch\['image'\]\)"):
+        quiet_trainer(tmp_path, [TemporalEnsemble(every_n_steps=1)], max_epochs=2).fit(BNModule(loader))
+    for bn in ("recompute", "copy"):
+        ens = TemporalEnsemble(every_n_steps=1, bn=bn, inputs=lambda batch: batch["image"])
+        quiet_trainer(tmp_path, [ens], max_epochs=2).fit(BNModule(loader))
+        assert ens.n_updates == 8
+
+
+def test_lr_warmup_raises_the_reference_and_the_later_drop_still_counts() -> None:
+    ens = TemporalEnsemble(every_n_steps=2, interval_factor=10)
+    for lr in (0.001, 0.05, 0.1, 0.1):  # linear warm-up to 0.1
+        ens.observe_lr(lr)
+    assert ens.interval == 2 and ens.lr_at_interval_change == 0.1
+    ens.observe_lr(0.01)  # the /10 drop
+    assert ens.interval == 20 and ens.lr_at_interval_change == 0.01
+    ens.observe_lr(0.01)
+    assert ens.interval == 20
+
+
+def test_bf16_true_module_with_the_ensemble(tmp_path: Path) -> None:
+    ens = TemporalEnsemble(every_n_steps=1, bn="recompute", bn_batches=2)
+
+    def loader(train: bool) -> DataLoader:
+        return DataLoader(random_images(8, size=8), batch_size=4)
+
+    module = BNModule(loader)
+    helpers.quiet_trainer(tmp_path, [ens, RobustPruning(0.5, epoch=1)], max_epochs=2, precision="bf16-true").fit(module)
+    assert ens.n_updates == 4 and next(module.parameters()).dtype == torch.bfloat16
+    avg = next(ens._average_model.module.parameters())
+    assert avg.dtype == torch.float32 and torch.equal(next(module.parameters()), avg.to(torch.bfloat16))
+
+
+def test_validate_loads_a_pruned_plain_checkpoint_with_the_callback(tmp_path: Path) -> None:
+    """Method "Ori" in a user's project (no reparameterize_): the checkpoint holds mask parametrizations,
+    and RobustPruning gives the fresh module its masks for validate/test too, before the load."""
+
+    def loader(train: bool) -> DataLoader:
+        return DataLoader(random_images(8, size=8), batch_size=4)
+
+    trainer = quiet_trainer(tmp_path, [RobustPruning(0.5, epoch=1)], max_epochs=2)
+    trainer.fit(BNModule(loader))
+    trainer.save_checkpoint(tmp_path / "ori.ckpt")
+    fresh = BNModule(loader)
+    quiet_trainer(tmp_path, [RobustPruning(0.5, epoch=1)]).validate(fresh, ckpt_path=tmp_path / "ori.ckpt")
+    masks = [p.mask for _, _, p in iter_masked(fresh)]
+    assert masks and sum(int((m == 0).sum()) for m in masks) == round(0.5 * sum(m.numel() for m in masks))
+
+
+def test_sqrt_init_keeps_a_pretrained_backbone_function() -> None:
+    torch.manual_seed(0)
+    pretrained = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        before = pretrained(x)
+        kept = reparameterize_(copy.deepcopy(pretrained), "hadamard", init="sqrt")
+        changed = reparameterize_(copy.deepcopy(pretrained), "hadamard", init="random", seed=0)
+        torch.testing.assert_close(kept(x), before, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(changed(x), before, atol=1e-3)
+    for _, m, _ in iter_masked(kept):
+        w1, w2 = m.parametrizations.weight.original0, m.parametrizations.weight.original1
+        assert torch.equal(w1.abs(), w2)  # equal magnitudes, sign on W1 (the paper's Sec. III-B premise)
+    with pytest.raises(ValueError, match=r"reparam\.init='sqrt' is defined for reparam\.kind='hadamard' only"):
+        reparameterize_(copy.deepcopy(pretrained), "channel", init="sqrt")

@@ -22,12 +22,12 @@ from omegaconf import Container, DictConfig, OmegaConf
 
 from frep_lightning.attacks import PRECISIONS as ATTACK_PRECISIONS
 from frep_lightning.attacks import parse_eps
+from frep_lightning.reparam import INITS as REPARAM_INITS
+from frep_lightning.reparam import KINDS as REPARAM_KINDS
 
 DATASETS = {"cifar10": 10, "cifar100": 100, "svhn": 10}
 DATA_FORMATS = ("auto", "pack", "torchvision")
 PRUNING_MODES = ("unstructured", "structured")
-REPARAM_KINDS = ("hadamard", "channel", "none")
-REPARAM_INITS = ("random", "equal", "ones")
 ENSEMBLE_BN = ("recompute", "copy", "average")
 ENSEMBLE_AVERAGE = ("factors", "product")
 ATTACK_BN = ("train", "eval")

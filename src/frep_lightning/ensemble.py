@@ -32,6 +32,7 @@ either averages every buffer (masks included) or none, and has no tau schedule o
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -40,8 +41,9 @@ from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
-from frep_lightning.checks import check_choice
+from frep_lightning.checks import check_choice, check_int, check_real
 
 BN_MODES = ("recompute", "copy", "average")
 AVERAGE_MODES = ("factors", "product")
@@ -50,6 +52,32 @@ AVERAGE_MODES = ("factors", "product")
 def ema_tau(n: int, tau0: float, c: float) -> float:
     """Decay of the (n+1)-th update: min(tau0, n / (n + c)); 0 for the first update."""
     return min(tau0, n / (n + c))
+
+
+def _forward(model: nn.Module, x: Tensor) -> Tensor:
+    """``model(x)`` with ``x`` on the model's device and, if floating, in its parameters' dtype (a
+    ``bf16-true`` live model beside the fp32 averaged copy)."""
+    p = next(model.parameters())
+    return model(x.to(p.device, p.dtype) if x.is_floating_point() else x.to(p.device))
+
+
+def _side_loader(loader: Any) -> Any:
+    """A loader over ``loader``'s dataset for side passes (BN re-estimation), so that iterating it never
+    restarts the training epoch's iterator (``persistent_workers`` share one): same dataset, batch size
+    and collate, in the main process; a shuffling loader's side copy shuffles with a fixed seed (resumes
+    and DDP ranks see the same batches), a sequential one stays sequential."""
+    if not isinstance(loader, DataLoader):
+        return loader
+    dataset = loader.dataset
+    shuffle = not isinstance(dataset, IterableDataset) and not isinstance(loader.sampler, SequentialSampler)
+    return DataLoader(
+        dataset,
+        batch_size=loader.batch_size or 1,
+        shuffle=shuffle,
+        generator=torch.Generator().manual_seed(0) if shuffle else None,
+        collate_fn=loader.collate_fn,
+        num_workers=0,
+    )
 
 
 def _bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -71,11 +99,14 @@ class TemporalEnsemble(WeightAveraging):
         c: warm-up constant of tau = min(tau0, n / (n + c)).
         every_n_steps: initial update interval f_e in optimizer steps.
         interval_factor: f_e is multiplied by this at each learning-rate drop.
-        lr_drop_ratio: a drop is the LR falling to at most this fraction of the LR in force when
-            the interval last changed (a x0.1 step qualifies; a cosine decay counts each halving).
+        lr_drop_ratio: a drop is the LR falling to at most this fraction of the highest LR since
+            the interval last changed (a x0.1 step qualifies; a cosine decay counts each halving; an
+            LR warm-up raises the reference instead of hiding the later drops).
         bn: how the ensemble's BatchNorm statistics are obtained, see the module docstring.
         bn_batches: training batches used by ``bn='recompute'``.
         average: ``factors`` (EMA of W1, W2) or ``product`` (EMA of W = W1*W2), see the module docstring.
+        inputs: ``batch -> input tensor`` for the BN re-estimation and the Eq. 14 distance
+            (default: the batch itself if it is a tensor, else its first element; dict batches need it).
 
     Example::
 
@@ -93,31 +124,23 @@ class TemporalEnsemble(WeightAveraging):
         bn_batches: int = 20,
         average: str = "factors",
         device: torch.device | str | None = None,
+        inputs: Callable[[Any], Tensor] | None = None,
     ) -> None:
-        if not 0.0 < tau0 < 1.0:
-            raise ValueError(f"ensemble.tau0={tau0!r} must be in (0, 1)")
-        if not c > 0:
-            raise ValueError(f"ensemble.c={c!r} must be > 0")
-        if not isinstance(every_n_steps, int) or every_n_steps <= 0:
-            raise ValueError(f"ensemble.every_n_steps={every_n_steps!r} must be an integer > 0")
-        if not isinstance(interval_factor, int) or interval_factor < 1:
-            raise ValueError(f"ensemble.interval_factor={interval_factor!r} must be an integer >= 1")
-        if not 0.0 < lr_drop_ratio < 1.0:
-            raise ValueError(f"ensemble.lr_drop_ratio={lr_drop_ratio!r} must be in (0, 1)")
+        self.tau0 = check_real("ensemble.tau0", tau0, "in (0, 1)", lambda v: 0.0 < v < 1.0)
+        self.c = check_real("ensemble.c", c, "> 0", lambda v: v > 0)
+        self.every_n_steps = check_int("ensemble.every_n_steps", every_n_steps, 1)
+        self.interval_factor = check_int("ensemble.interval_factor", interval_factor, 1)
+        self.lr_drop_ratio = check_real("ensemble.lr_drop_ratio", lr_drop_ratio, "in (0, 1)", lambda v: 0.0 < v < 1.0)
         check_choice("ensemble.bn", bn, BN_MODES)
-        if not isinstance(bn_batches, int) or bn_batches <= 0:
-            raise ValueError(f"ensemble.bn_batches={bn_batches!r} must be an integer > 0")
+        self.bn_batches = check_int("ensemble.bn_batches", bn_batches, 1)
         check_choice("ensemble.average", average, AVERAGE_MODES)
+        if inputs is not None and not callable(inputs):
+            raise ValueError(f"TemporalEnsemble(inputs={inputs!r}) must be a callable batch -> input tensor, or None")
         super().__init__(device=device, use_buffers=False)
         self.average = average
-        self.tau0 = float(tau0)
-        self.c = float(c)
-        self.every_n_steps = every_n_steps
-        self.interval_factor = interval_factor
-        self.lr_drop_ratio = lr_drop_ratio
         self.bn = bn
-        self.bn_batches = bn_batches
-        self.interval = every_n_steps
+        self.inputs = inputs
+        self.interval = self.every_n_steps
         self.lr_at_interval_change: float | None = None
         self.last_tau: float | None = None
         self._bn_fresh = True  # ensemble BN stats match its weights
@@ -160,9 +183,9 @@ class TemporalEnsemble(WeightAveraging):
         return 0 if self._average_model is None else int(self._average_model.n_averaged)
 
     def observe_lr(self, lr: float) -> None:
-        """Multiply the interval when the LR has dropped enough since the last change."""
-        if self.lr_at_interval_change is None:
-            self.lr_at_interval_change = lr
+        """Multiply the interval when the LR has dropped enough below its highest value since the last change."""
+        if self.lr_at_interval_change is None or lr > self.lr_at_interval_change:
+            self.lr_at_interval_change = lr  # the first LR, or a warm-up / restart raising it
         elif lr <= self.lr_drop_ratio * self.lr_at_interval_change:
             self.interval *= self.interval_factor
             self.lr_at_interval_change = lr
@@ -185,11 +208,11 @@ class TemporalEnsemble(WeightAveraging):
             done = self._update_products(avg.module, pl_module, tau)
         for p_avg, p in zip(avg.module.parameters(), pl_module.parameters(), strict=True):
             if id(p_avg) not in done:
-                p_avg.lerp_(p.detach().to(p_avg.device), 1.0 - tau)
+                p_avg.lerp_(p.detach().to(p_avg.device, p_avg.dtype), 1.0 - tau)
         if self.bn != "recompute":
             for b_avg, b in zip(_bn_buffers(avg.module), _bn_buffers(pl_module), strict=True):
                 if self.bn == "average" and b.is_floating_point():
-                    b_avg.lerp_(b.to(b_avg.device), 1.0 - tau)
+                    b_avg.lerp_(b.to(b_avg.device, b_avg.dtype), 1.0 - tau)
                 else:
                     b_avg.copy_(b)
         avg.n_averaged += 1
@@ -209,7 +232,7 @@ class TemporalEnsemble(WeightAveraging):
             p_avg = weight_parametrization(m_avg)
             if p_avg is None:
                 continue
-            target = m_avg.weight.lerp(m.weight.detach().to(m_avg.weight.device), 1.0 - tau)
+            target = m_avg.weight.lerp(m.weight.detach().to(m_avg.weight.device, m_avg.weight.dtype), 1.0 - tau)
             new = p_avg.right_inverse(target)
             new = new if isinstance(new, tuple) else (new,)
             for dst, src in zip(factors(m_avg), new, strict=True):
@@ -234,6 +257,20 @@ class TemporalEnsemble(WeightAveraging):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Epoch-end updates are not part of the method (updates are step-based)."""
 
+    def batch_inputs(self, batch: Any) -> Tensor:
+        """The input images of a batch (``inputs`` if given)."""
+        if self.inputs is not None:
+            return self.inputs(batch)
+        x = batch[0] if isinstance(batch, (list, tuple)) and batch else batch
+        if not isinstance(x, Tensor):
+            kind = "a dict" if isinstance(batch, Mapping) else f"a {type(x).__name__}"
+            raise TypeError(
+                f"TemporalEnsemble needs the input images of a batch and got {kind}; pass "
+                "TemporalEnsemble(inputs=lambda batch: batch['image']) (your key) for batches that are not "
+                "a tensor or an (images, labels, ...) sequence"
+            )
+        return x
+
     # -- BatchNorm ----------------------------------------------------------------------
     @torch.no_grad()
     def recompute_bn(self, trainer: pl.Trainer) -> None:
@@ -250,7 +287,7 @@ class TemporalEnsemble(WeightAveraging):
             batch_size = getattr(datamodule, "batch_size", 128)
             loader = datamodule.train_subset_loader(self.bn_batches * batch_size, batch_size)
         else:
-            loader = trainer.train_dataloader
+            loader = _side_loader(trainer.train_dataloader)
         if loader is None:
             rank_zero_warn("TemporalEnsemble: no train dataloader to recompute BN statistics; keeping old ones")
             return
@@ -260,10 +297,10 @@ class TemporalEnsemble(WeightAveraging):
             m.momentum = None  # cumulative average over the batches below
         was_training = model.training
         model.train()
-        device = next(model.parameters()).device
-        for batch in itertools.islice(iter(loader), self.bn_batches):
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
-            model(x.to(device))
+        # the draws of a shuffling sampler or random transforms must not shift the training random stream
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_initialized() else []):
+            for batch in itertools.islice(iter(loader), self.bn_batches):
+                _forward(model, self.batch_inputs(batch))
         for m, mom in zip(layers, momenta, strict=True):
             m.momentum = mom
         model.train(was_training)
@@ -286,12 +323,12 @@ class TemporalEnsemble(WeightAveraging):
         forward passes per validation batch, logged per epoch as ``ensemble/delta``."""
         if not self._swapped or self._average_model is None:
             return
-        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        x = self.batch_inputs(batch)
         live = self._average_model.module
         was_training = live.training
         live.eval()
         with torch.no_grad():
-            d = (pl_module(x).softmax(dim=1) - live(x).softmax(dim=1)).pow(2).sum(dim=1)
+            d = (_forward(pl_module, x).float().softmax(dim=1) - _forward(live, x).float().softmax(dim=1)).pow(2).sum(1)
         live.train(was_training)
         self._delta[0] += d.sum()
         self._delta[1] += d.numel()

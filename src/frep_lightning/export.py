@@ -134,12 +134,14 @@ class MergeReparameterization(Callback):
     def target(self, pl_module: pl.LightningModule) -> nn.Module:
         if self.attr is None:
             return pl_module
-        if not hasattr(pl_module, self.attr):
+        target = getattr(pl_module, self.attr, None)
+        if not isinstance(target, nn.Module):
+            what = "no such attribute" if target is None else f"a {type(target).__name__}, not a submodule"
             raise AttributeError(
-                f"MergeReparameterization(attr={self.attr!r}): the LightningModule has no such submodule; "
-                "pass attr=None to export the whole module"
+                f"MergeReparameterization(attr={self.attr!r}): in the LightningModule that is {what}; "
+                "pass the name of the backbone submodule, or attr=None to export the whole module"
             )
-        return getattr(pl_module, self.attr)
+        return target
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":

@@ -19,16 +19,18 @@ state, so neither momentum nor weight decay can revive them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, WeightAveraging
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from frep_lightning.checks import check_choice
+from frep_lightning.checks import check_choice, check_int, check_patterns, check_real
 from frep_lightning.reparam import add_masks_, factor_masks, factors, iter_masked, select_layers
 
 MODES = ("unstructured", "structured")
@@ -189,34 +191,35 @@ class RobustPruning(Callback):
         include: Sequence[str] = ("*",),
         exclude: Sequence[str] = (),
     ) -> None:
-        if not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
-            raise ValueError(f"pruning.sparsity={sparsity!r} must be in [0, 1)")
-        if not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"pruning.epoch={epoch!r} must be an integer >= 0")
+        self.sparsity = check_real("pruning.sparsity", sparsity, "in [0, 1)", lambda v: 0.0 <= v < 1.0)
+        self.epoch = check_int("pruning.epoch", epoch, 0)
         check_choice("pruning.mode", mode, MODES)
-        self.sparsity = float(sparsity)
-        self.epoch = epoch
         self.mode = mode
-        self.include = tuple(include)
-        self.exclude = tuple(exclude)
+        self.include = check_patterns("pruning.include", include)
+        self.exclude = check_patterns("pruning.exclude", exclude)
         self.pruned = False
         self.pruned_at_step: int | None = None
         self.selected_layers: list[str] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Give every selected layer a mask now, before any averaged copy or optimizer exists."""
-        if stage != "fit":
-            return
-        if trainer.max_epochs is not None and trainer.max_epochs >= 0 and self.epoch >= trainer.max_epochs:
+        """Give every selected layer a mask now, before any averaged copy or optimizer exists (and, for
+        validate/test/predict, before a checkpoint of a pruned run is loaded into the module)."""
+        if stage == "fit" and trainer.max_epochs is not None and 0 <= trainer.max_epochs <= self.epoch:
             raise ValueError(
                 f"pruning.epoch={self.epoch} must be < trainer.max_epochs={trainer.max_epochs} "
                 "(pruning would never run)"
             )
         selected = {n for n, _ in select_layers(pl_module, self.include, self.exclude)}
         if not selected:
+            later = [h for h in ("configure_model", "setup") if is_overridden(h, pl_module, pl.LightningModule)]
+            hint = (
+                f" (layers made in {' / '.join(f'{h}()' for h in later)} come too late: build them in __init__)"
+                if later
+                else ""
+            )
             raise ValueError(
                 f"RobustPruning: {type(pl_module).__name__} has no Conv2d/Linear layer to prune matching "
-                f"pruning.include={list(self.include)} / pruning.exclude={list(self.exclude)}"
+                f"pruning.include={list(self.include)} / pruning.exclude={list(self.exclude)}{hint}"
             )
         add_masks_(pl_module, self.include, self.exclude)
         self.selected_layers = [n for n, _, _ in iter_masked(pl_module) if n in selected]
@@ -229,6 +232,28 @@ class RobustPruning(Callback):
                     f"RobustPruning: {type(opt).__name__} keeps state that cannot be masked per weight, so pruned "
                     "weights would not stay zero; use an optimizer with per-weight state (SGD, Adam, AdamW, ...)"
                 )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A ``max_steps`` that ends training before the pruning epoch fails now (the epoch length is
+        known only here): the run would export a dense model."""
+        batches = trainer.num_training_batches
+        if self.pruned or trainer.max_steps < 0 or not isinstance(batches, int) or batches == 0:
+            return
+        steps_before = self.epoch * math.ceil(batches / max(1, trainer.accumulate_grad_batches))
+        if trainer.max_steps <= steps_before:
+            raise ValueError(
+                f"pruning.epoch={self.epoch} starts after optimizer step {steps_before} ({batches} batches per epoch) "
+                f"but trainer.max_steps={trainer.max_steps}: pruning would never run; lower pruning.epoch or raise "
+                "trainer.max_steps"
+            )
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Training that stopped before the pruning epoch (max_time, early stopping, ...) says so loudly."""
+        if not self.pruned:
+            rank_zero_warn(
+                f"RobustPruning: training ended at epoch {trainer.current_epoch}, before pruning.epoch={self.epoch}: "
+                "the model was NOT pruned and is dense"
+            )
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.pruned and trainer.current_epoch >= self.epoch:

@@ -21,10 +21,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from frep_lightning.checks import check_choice
+from frep_lightning.checks import check_choice, check_patterns
 
 KINDS = ("hadamard", "channel", "none")
-INITS = ("random", "equal", "ones")
+INITS = ("random", "equal", "ones", "sqrt")
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
 
 
@@ -82,6 +82,7 @@ def select_layers(
     model: nn.Module, include: Sequence[str] = ("*",), exclude: Sequence[str] = ()
 ) -> list[tuple[str, nn.Module]]:
     """Conv2d/Linear layers whose qualified name matches ``include`` and none of ``exclude``."""
+    include, exclude = check_patterns("include", include), check_patterns("exclude", exclude)
     chosen = []
     for name, module in model.named_modules():
         if not isinstance(module, PRUNABLE_TYPES):  # parametrized layers subclass their original type
@@ -124,6 +125,8 @@ def _init_factors(module: nn.Module, w0: Tensor, kind: str, init: str, generator
     """Paper Sec. IV-E inits, from the layer's initial weight ``w0``. ``random``: both factors are
     drawn from the layer's own init distribution (W2 is a random permutation of ``w0``'s entries,
     so any model-specific init scheme is respected); ``equal``: W2 = |W1|; ``ones``: W2 = 1.
+    ``sqrt`` (not in the paper): W1 = sign(w0)·sqrt|w0|, W2 = sqrt|w0|, so W1·W2 = ``w0`` with equal
+    magnitudes (Sec. III-B's assumption): a pretrained backbone keeps its function.
     FReP-CH: W2 = ``w0`` and M is random (``nn.Linear(D, D)``'s init) or the identity (``ones``)."""
     first, second = factors(module)
     with torch.no_grad():
@@ -135,6 +138,10 @@ def _init_factors(module: nn.Module, w0: Tensor, kind: str, init: str, generator
                 second.copy_(flat[perm].view_as(w0))
             elif init == "equal":
                 second.copy_(w0.abs())
+            elif init == "sqrt":
+                root = w0.abs().sqrt()
+                first.copy_(torch.where(w0 < 0, -root, root))
+                second.copy_(root)
             else:  # ones
                 second.fill_(1.0)
         else:
@@ -145,7 +152,10 @@ def _init_factors(module: nn.Module, w0: Tensor, kind: str, init: str, generator
             elif init == "ones":
                 first.copy_(torch.eye(d, dtype=first.dtype, device=first.device))
             else:
-                raise ValueError("reparam.init='equal' is defined for reparam.kind='hadamard' only; use random or ones")
+                raise ValueError(
+                    f"reparam.init={init!r} is defined for reparam.kind='hadamard' only; use random or ones "
+                    "(ones keeps the layer's function)"
+                )
             second.copy_(w0)
 
 
@@ -159,11 +169,26 @@ def reparameterize_(
 ) -> nn.Module:
     """Register the ``kind`` parametrization (with an all-ones mask) on every selected layer.
 
-    Layers already parametrized by frep are left alone, so the call is idempotent.
+    Layers already parametrized by frep with the same ``kind`` are left alone, so the call is
+    idempotent (``kind="none"``, mask only, accepts any). A layer that already has another kind
+    is an error: e.g. ``RobustPruning`` gave it a mask-only parametrization at setup because the
+    model was reparameterized later (in ``setup()``/``configure_model()``), after the averaged
+    copy and the masks were made; reparameterize in the module's ``__init__``.
     """
     check_choice("reparam.kind", kind, KINDS)
     check_choice("reparam.init", init, INITS)
-    layers = [(n, m) for n, m in select_layers(model, include, exclude) if weight_parametrization(m) is None]
+    selected = select_layers(model, include, exclude)
+    if kind != "none":
+        other = [(n, type(p).__name__) for n, m in selected if (p := weight_parametrization(m)) is not None
+                 and not isinstance(p, _PARAMETRIZATIONS[kind])]  # fmt: skip
+        if other:
+            names = ", ".join(f"{n} ({k})" for n, k in other[:3]) + (" ..." if len(other) > 3 else "")
+            raise ValueError(
+                f"reparameterize_(kind={kind!r}): {len(other)} layer(s) already carry another frep parametrization: "
+                f"{names}. RobustPruning/TemporalEnsemble give plain layers a mask at setup; call reparameterize_ "
+                "in the LightningModule's __init__, before the Trainer sets it up"
+            )
+    layers = [(n, m) for n, m in selected if weight_parametrization(m) is None]
     if not layers and not list(iter_masked(model)):
         raise ValueError(
             "reparameterize_: no Conv2d/Linear layer matches pruning.include/exclude "
