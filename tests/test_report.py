@@ -226,6 +226,30 @@ def test_read_metrics_per_epoch(tmp_path: Path) -> None:
     assert series["train/pgd_subset"] == [(0.0, 0.25), (1.0, 0.33)]
 
 
+def test_training_curves_join_resumed_versions_and_skip_frep_eval_logs(tmp_path: Path) -> None:
+    """A resume in the same run directory writes csv/version_1 (..._10 sorts after _9 as a number, not as
+    text); frep-eval logs into eval_logs/ (only eval/* columns): the curves are the training run's, whole."""
+    run_dir = tmp_path / "run"
+    write_run(run_dir, [], "frep", 0.9, summary={"clean_acc": 0.7, "pgd_acc": 0.4})
+    header = "epoch,step,val/pgd10,train/pgd_subset\n"
+    files = {
+        "csv/version_0/metrics.csv": header + "0,10,0.20,0.25\n1,20,0.22,0.26\n2,30,0.99,0.99\n",  # epoch 2: cut
+        "csv/version_2/metrics.csv": header + "3,40,0.26,0.29\n",
+        "csv/version_10/metrics.csv": header + "4,50,0.28,0.31\n",
+        "csv/version_1/metrics.csv": header + "2,30,0.24,0.27\n",  # the resume re-ran epoch 2
+        "eval_logs/csv/version_0/metrics.csv": "epoch,step,eval/pgd50\n0,0,0.21\n",
+    }
+    for name, text in files.items():
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_text(text)
+    run = collect([run_dir])[0][0]
+    paths = [p.relative_to(run_dir).as_posix() for p in run.metrics_csvs()]
+    assert paths == [f"csv/version_{v}/metrics.csv" for v in (0, 1, 2, 10)]
+    series = read_metrics(run.metrics_csvs())
+    assert series["val/pgd10"] == [(0.0, 0.20), (1.0, 0.22), (2.0, 0.24), (3.0, 0.26), (4.0, 0.28)]
+    assert "eval/pgd50" not in series
+
+
 def test_run_accuracies_prefer_eval_json(tmp_path: Path) -> None:
     write_run(
         tmp_path / "r",

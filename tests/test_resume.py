@@ -165,7 +165,7 @@ def test_resume_from_any_point_equals_uninterrupted_run(
     ref = run_with(tiny_cfg(pack_root, cache_dir, tmp_path / "ref"), monkeypatch, Recorder(ref_log))
     assert ref["global_steps"] == 6 and ref_log["lr"][5] == pytest.approx(0.01)
 
-    log, ckpt = new_log(), None
+    log, ckpt, clock = new_log(), None, [0.0]
     for i, step in enumerate(KILLS):
         run_dir = tmp_path / f"part{i}"
         extra = [f"ckpt_path={ckpt}"] if ckpt else []
@@ -175,9 +175,14 @@ def test_resume_from_any_point_equals_uninterrupted_run(
         saved = torch.load(ckpt, weights_only=True)
         assert saved["global_step"] == step, KILLS[step]
         check_checkpoint_contents(saved, step)
+        clock.append(saved["callbacks"]["TrainingClock"]["seconds"])
     resumed = run_with(
         tiny_cfg(pack_root, cache_dir, tmp_path / "final", f"ckpt_path={ckpt}"), monkeypatch, Recorder(log)
     )
+    # training time adds up across the segments (each checkpoint holds the time trained up to it)
+    assert clock == sorted(clock) and clock[-1] > clock[1] > 0
+    assert resumed["train_seconds_total"] > clock[-1] and resumed["train_seconds_total"] > resumed["train_seconds"]
+    assert 0 < ref["train_seconds_total"] <= ref["train_seconds"]
 
     for key in ref_log:  # step by step, from every resume point on
         assert log[key] == ref_log[key], key

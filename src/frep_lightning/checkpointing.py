@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import random
 import re
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -258,3 +259,28 @@ class RNGState(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self.restored = False
+
+
+class TrainingClock(Callback):
+    """Training wall time across resumes: a checkpoint records the seconds trained up to it, a resumed fit
+    adds its own (``summary.json``'s ``train_seconds_total``; work redone after the checkpoint counts once)."""
+
+    def __init__(self) -> None:
+        self.before = 0.0
+        self.started: float | None = None
+
+    @property
+    def seconds(self) -> float:
+        return self.before + (0.0 if self.started is None else time.perf_counter() - self.started)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.started = time.perf_counter()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.before, self.started = self.seconds, None  # stopped: the final evaluation is not training
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seconds": self.seconds}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.before = float(state_dict.get("seconds", 0.0))

@@ -210,9 +210,22 @@ class Run:
     def source(self) -> str:
         return "eval.json" if self.evaluation is not None else "summary.json"
 
-    def metrics_csv(self) -> Path | None:
-        found = sorted(self.path.glob("**/metrics.csv"))
-        return found[-1] if found else None
+    def metrics_csvs(self) -> list[Path]:
+        """The training run's CSVLogger files, oldest first: ``version_N`` in numeric order (a resume in the
+        same run directory starts a new version), never frep-eval's own logs (``eval_logs/``)."""
+
+        def order(path: Path) -> tuple[int, ...]:
+            return tuple(int(m.group(1)) for part in path.parts if (m := re.fullmatch(r"version_(\d+)", part)))
+
+        found = [p for p in self.path.glob("**/metrics.csv") if "eval_logs" not in p.relative_to(self.path).parts]
+        return sorted(found, key=lambda p: (order(p), str(p)))
+
+
+def _train_seconds(summary: dict[str, Any]) -> float | None:
+    """Training time of a run, resumed segments included (``train_seconds_total``; older summaries:
+    ``train_seconds``, the last process's fit only)."""
+    value = summary.get("train_seconds_total") or summary.get("train_seconds")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _flat_numbers(data: dict[str, Any]) -> dict[str, float]:
@@ -420,7 +433,7 @@ def table_markdown(rows: dict[tuple[float, str], list[Run]]) -> str:
             cells.append(_fmt([a[attack] for a in accs[key] if attack in a]))
         measured = [r.sparsity for r in runs if r.sparsity is not None]
         cells.append(_fmt(measured, digits=2))  # type: ignore[arg-type]
-        minutes = [r.summary["train_seconds"] / 60 for r in runs if r.summary and r.summary.get("train_seconds")]
+        minutes = [_train_seconds(r.summary) / 60 for r in runs if r.summary and _train_seconds(r.summary)]
         cells.append(_fmt(minutes, scale=1.0))
         if memory:
             gb = [r.summary["peak_memory_gb"] for r in runs if r.summary and r.summary.get("peak_memory_gb")]
@@ -569,21 +582,23 @@ def figure_weight_histograms(runs: Sequence[Run], out: Path) -> tuple[list[str],
     return files, missing
 
 
-def read_metrics(path: Path) -> dict[str, list[tuple[float, float]]]:
-    """Per-epoch series (epoch, value) of every column of a Lightning CSVLogger ``metrics.csv``."""
+def read_metrics(paths: Path | Sequence[Path]) -> dict[str, list[tuple[float, float]]]:
+    """Per-epoch series (epoch, value) of every column of Lightning CSVLogger ``metrics.csv`` files, read
+    in order: a later file (the part after a resume) replaces the epochs it logs again."""
     series: dict[str, dict[float, float]] = defaultdict(dict)
-    with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            epoch = row.get("epoch")
-            if epoch in (None, ""):
-                continue
-            for key, value in row.items():
-                if key in ("epoch", "step") or value in (None, ""):
+    for path in [paths] if isinstance(paths, Path) else paths:
+        with path.open(newline="") as f:
+            for row in csv.DictReader(f):
+                epoch = row.get("epoch")
+                if epoch in (None, ""):
                     continue
-                try:
-                    series[key][float(epoch)] = float(value)
-                except ValueError:
-                    continue
+                for key, value in row.items():
+                    if key in ("epoch", "step") or value in (None, ""):
+                        continue
+                    try:
+                        series[key][float(epoch)] = float(value)
+                    except ValueError:
+                        continue
     return {k: sorted(v.items()) for k, v in series.items()}
 
 
@@ -596,11 +611,11 @@ def figure_training_curves(runs: Sequence[Run], out: Path) -> tuple[list[str], l
     for run in runs:
         if not run.done:
             continue
-        path = run.metrics_csv()
-        if path is None:
+        paths = run.metrics_csvs()
+        if not paths:
             missing.append(f"{run.path} (metrics.csv)")
             continue
-        by_group[(run.dataset, run.model, run.sparsity_target)].append((run.label, read_metrics(path)))
+        by_group[(run.dataset, run.model, run.sparsity_target)].append((run.label, read_metrics(paths)))
     for (dataset, model, target), entries in sorted(by_group.items()):
         fig, (ax_acc, ax_delta) = plt.subplots(1, 2, figsize=(10, 3.6))
         any_delta = False
@@ -765,7 +780,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path, title: str = "fre
             "sparsity_target": r.sparsity_target,
             "sparsity": r.sparsity,
             "accuracies": r.accuracies(),
-            "train_seconds": r.summary.get("train_seconds") if r.summary else None,
+            "train_seconds": _train_seconds(r.summary) if r.summary else None,
             "source": r.source,
         }
         for r in finished

@@ -28,7 +28,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from frep_lightning import __version__
 from frep_lightning.attacks import PGD, parse_eps
-from frep_lightning.checkpointing import AtomicCheckpointIO, BackgroundCheckpointIO, LastCheckpoint, RNGState
+from frep_lightning.checkpointing import (
+    AtomicCheckpointIO,
+    BackgroundCheckpointIO,
+    LastCheckpoint,
+    RNGState,
+    TrainingClock,
+)
 from frep_lightning.config import config_dir, enabled, num_classes, validate_train_config
 from frep_lightning.evaluate import config_attacks, evaluate
 from frep_lightning.export import MergeReparameterization, load_state_dict_file, write_json
@@ -98,9 +104,15 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> tuple[list[Callback], Mer
     export = MergeReparameterization(dirpath=str(run_dir), filename="model.pt", attr="model")
     callbacks.append(export)
     callbacks.append(RNGState())
+    callbacks.append(TrainingClock())
     every = OmegaConf.select(cfg, "checkpoint.every_n_train_steps")
     callbacks.append(LastCheckpoint(run_dir / "checkpoints", every_n_train_steps=every))
     return callbacks, export
+
+
+def _clock_seconds(trainer: pl.Trainer, fallback: float) -> float:
+    clocks = [cb for cb in trainer.callbacks if isinstance(cb, TrainingClock)]  # type: ignore[attr-defined]
+    return clocks[0].seconds if clocks else fallback
 
 
 def checkpoint_io(cfg: DictConfig) -> CheckpointIO:
@@ -211,7 +223,8 @@ def summarize(
         "n_test": result["n"],
         "epochs": trainer.current_epoch,
         "global_steps": trainer.global_step,
-        "train_seconds": round(train_seconds, 2),
+        "train_seconds": round(train_seconds, 2),  # this process's fit
+        "train_seconds_total": round(_clock_seconds(trainer, train_seconds), 2),  # incl. segments before a resume
         "peak_memory_gb": _peak_memory_gb(device),
         "eval_seconds": round(eval_seconds, 2),
         "device": _device_name(device),
