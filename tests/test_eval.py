@@ -578,6 +578,12 @@ def test_frep_eval_refuses_files_that_are_not_ours(tiny_run: tuple[Path, dict], 
         validate_eval_config(_eval_cfg(f"ckpt={run_dir}", "precision=fp8"))
     with pytest.raises(ConfigError, match="n_test"):
         validate_eval_config(_eval_cfg(f"ckpt={run_dir}", "n_test=0"))
+    with pytest.raises(ValueError, match=r"its tensor shapes do not fit model 'resnet18' \(width 16\): size mismatch"):
+        run(_eval_cfg(f"ckpt={run_dir}", "attacks=[clean]", "model.width=16"))
+    over = run(_eval_cfg(f"ckpt={run_dir}", "attacks=[clean]", "n_test=20000", f"output={tmp_path / 'over.json'}"))
+    assert over["warnings"][0] == f"n_test=20000 asked, but the test split has {over['n']} images: all evaluated"
+    with pytest.raises(ConfigError, match=r"foo is not a config key of eval.*aa\.versio is not a key of aa"):
+        validate_eval_config(_eval_cfg(f"ckpt={run_dir}", "+foo=1", "+aa.versio=plus"))
     lone = tmp_path / "elsewhere" / "lone"  # no config.yaml in it or one level up
     lone.mkdir(parents=True)
     (lone / "model.pt").write_bytes((run_dir / "model.pt").read_bytes())

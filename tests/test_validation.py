@@ -172,6 +172,28 @@ def test_unknown_key_of_a_constructor_is_rejected(base: DictConfig) -> None:
         validate_train_config(with_value(base, "trainer.max_epoch", 5))
 
 
+def test_unknown_key_of_a_plain_node_or_the_top_level_is_rejected() -> None:
+    """Keys our own code reads (checkpoint, optim, fast, monitor, eval, top level): a + typo used to be
+    ignored (the run trained without the option) or end in a bare TypeError after setup."""
+    overrides = ["+checkpoint.every_n_steps=2", "+fast.enable=true", "+eval.n_tst=5", "++foo=1",
+                 "+optim.lrr=0.1", "+monitor.foo=1", "+run_dir=/tmp/x"]  # fmt: skip
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides)
+    with pytest.raises(ConfigError) as info:
+        validate_train_config(cfg)
+    message = str(info.value)
+    assert "(6 problems)" in message and "run_dir" not in message.split("allowed")[0]
+    for fragment in (
+        "checkpoint.every_n_steps is not a key of checkpoint; allowed keys: background, every_n_train_steps",
+        "fast.enable is not a key of fast; allowed keys: cache_weights,",
+        "eval.n_tst is not a key of eval",
+        "foo is not a config key of train; allowed top-level keys: checkpoint, ckpt_path, data,",
+        "optim.lrr is not a key of optim; allowed keys: gamma, lr, milestones",
+        "monitor.foo is not a key of monitor",
+    ):
+        assert fragment in message, fragment
+
+
 def test_target_that_does_not_import(base: DictConfig) -> None:
     with pytest.raises(ConfigError, match=r"ensemble\._target_='frep_lightning\.nowhere\.Ensemble' cannot be imported"):
         validate_train_config(with_value(base, "ensemble._target_", "frep_lightning.nowhere.Ensemble"))

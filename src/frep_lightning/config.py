@@ -316,6 +316,27 @@ def check_target_keys(cfg: DictConfig, nodes: Sequence[str] = TARGET_NODES) -> l
     return errors
 
 
+def closed_key_errors(cfg: DictConfig, config_name: str, nodes: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
+    """Keys that ``config_name``.yaml does not define, top level and inside its plain ``nodes`` (those
+    without ``_target_``, read by our code: a ``+`` typo there would be ignored or end in a bare TypeError
+    after setup). Group nodes (``data``, ``method``...) are checked by their own rules and targets."""
+    base = OmegaConf.load(Path(config_dir()) / f"{config_name}.yaml")
+    groups = [next(iter(d)) for d in base.get("defaults", []) if isinstance(d, DictConfig) and len(d) == 1]
+    allowed = (set(base.keys()) | {str(g) for g in groups} | set(extra)) - {"defaults", "hydra"}
+    errors = [
+        f"{key} is not a config key of {config_name}; allowed top-level keys: {', '.join(sorted(allowed))}"
+        for key in sorted(set(cfg.keys()) - allowed - _HYDRA_KEYS - {"hydra"})
+    ]
+    for path in nodes:
+        node, defined = OmegaConf.select(cfg, path), OmegaConf.select(base, path)
+        if isinstance(node, DictConfig) and isinstance(defined, DictConfig):
+            errors.extend(
+                f"{path}.{key} is not a key of {path}; allowed keys: {', '.join(sorted(defined.keys()))}"
+                for key in sorted(set(node.keys()) - set(defined.keys()))
+            )
+    return errors
+
+
 def check_data_available(cfg: DictConfig) -> None:
     """Our datamodule's files must exist under data.root (or data.download=true): checked from
     file names only, so a wrong path fails before anything is decoded."""
@@ -357,6 +378,7 @@ def validate_train_config(cfg: DictConfig, check_data: bool = False) -> None:
     ``check_data`` (what ``frep-train`` does) also :class:`DataNotFoundError`, a
     ``FileNotFoundError`` too, when data.root holds no dataset and data.download is off."""
     errors = check_rules(cfg) + check_target_keys(cfg)
+    errors += closed_key_errors(cfg, "train", ("checkpoint", "optim", "fast", "monitor", "eval"), extra=("run_dir",))
     if not any(e.startswith("eval.") for e in errors):  # a bad eval.eps is one problem, not two
         errors += check_eval_attacks(cfg)
     if errors:

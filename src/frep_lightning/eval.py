@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from frep_lightning import __version__
 from frep_lightning.attacks import parse_eps
 from frep_lightning.compression import compression_report, human_bytes
-from frep_lightning.config import ConfigError, enabled
+from frep_lightning.config import ConfigError, closed_key_errors, enabled
 from frep_lightning.evaluate import (
     AA_COMPONENTS,
     AA_VERSIONS,
@@ -138,7 +138,12 @@ def load_model(path: Path, run_cfg: DictConfig | None, model_cfg: DictConfig) ->
             raise _not_ours(path, "reparameterized keys; a model.pt holds merged weights")
         state = obj
     model = instantiate(model_cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # same keys, other shapes: another width or number of classes
+        shapes = "; ".join(line.strip() for line in str(err).splitlines()[1:3])
+        name, width = model_cfg.get("name"), model_cfg.get("width")
+        raise _not_ours(path, f"its tensor shapes do not fit model {name!r} (width {width}): {shapes}") from err
     if missing or unexpected:
         raise _not_ours(
             path,
@@ -169,6 +174,9 @@ def validate_eval_config(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` naming the first invalid key (before any file is read)."""
     if OmegaConf.is_missing(cfg, "ckpt") or not cfg.get("ckpt"):
         raise ConfigError("ckpt=<run dir | model.pt | Lightning .ckpt> is required")
+    unknown = closed_key_errors(cfg, "eval", ("aa", "data", "model"))
+    if unknown:
+        raise ConfigError("; ".join(unknown))
     try:
         check_attack_names(list(cfg.attacks))
     except (ValueError, TypeError) as err:
@@ -379,6 +387,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     start = time.perf_counter()
     result = run_attacks(model, datamodule.test_dataloader(), attacks, device=device, seed=cfg.seed)
+    if cfg.n_test is not None and result.n < cfg.n_test:
+        result.warnings.insert(0, f"n_test={cfg.n_test} asked, but the test split has {result.n} images: all evaluated")
     eps = parse_eps(cfg.eps, "eps")
     settings = {
         "eps": eps,
