@@ -120,6 +120,42 @@ def test_command_line_narrows_a_table_sweep() -> None:
         assert job_cfg.method.name == "dense_at" and not enabled(job_cfg.pruning)
 
 
+def test_check_sweep_validates_every_job_of_a_table_before_launch(capsys: pytest.CaptureFixture[str]) -> None:
+    """CheckSweep (conf/train.yaml's hydra.callbacks) sees the jobs the basic sweeper will launch: the table's
+    params with the command line on top; a valid sweep passes, one bad value stops it, naming the job."""
+    from frep_lightning.sweep import CheckSweep, multirun_jobs
+
+    def multirun_config(*command_line: str) -> DictConfig:  # what Hydra hands on_multirun_start
+        cfg = cfg_for("experiment=table2", hydra=True)
+        cfg.hydra.overrides.task = ["experiment=table2", *command_line]
+        return cfg
+
+    cfg = multirun_config("method=frep,ori")
+    assert cfg.hydra.callbacks.check_sweep._target_ == "frep_lightning.sweep.CheckSweep"
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params)
+    jobs = multirun_jobs(cfg)
+    assert jobs == sweep_jobs(params, ["experiment=table2", "method=frep,ori"]) and len(jobs) > 2
+    bad = multirun_config("method=frep,ori", "optim.lr=0.1,-1")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        CheckSweep().on_multirun_start(config=cfg, config_name="train")
+        with pytest.raises(SystemExit, match=rf"{len(jobs)} of the {2 * len(jobs)} sweep jobs have an invalid config"):
+            CheckSweep().on_multirun_start(config=bad, config_name="train")
+    other = cfg_for("experiment=table2", hydra=True)
+    other.hydra.sweeper._target_ = "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"
+    assert multirun_jobs(other) is None  # another sweeper searches on its own: not second-guessed
+
+
+def test_bad_value_in_a_sweep_fails_before_the_first_job(tmp_path: Path, pack_root: Path) -> None:
+    cmd = [sys.executable, "-m", "frep_lightning.train", "-m", "experiment=smoke", f"data.root={pack_root}",
+           "logger=none", "pruning.sparsity=0.9,1.5", f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode != 0
+    assert "1 of the 2 sweep jobs have an invalid config; nothing was launched" in proc.stderr
+    assert "job 1 (" in proc.stderr and "pruning.sparsity=1.5 must be in [0, 1)" in proc.stderr
+    assert not (tmp_path / "sweep").exists()  # no job started
+
+
 # -- launchers ---------------------------------------------------------------------------------
 def launcher_cfg(*overrides: str) -> DictConfig:
     return cfg_for("hydra/launcher=gpus", *overrides, hydra=True).hydra

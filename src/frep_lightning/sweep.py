@@ -173,6 +173,50 @@ class PinDevice(HydraCallback):
             log.info("PinDevice: job %s (pid %d) runs on GPU(s) %s", config.hydra.job.num, os.getpid(), devices)
 
 
+# -- the sweep's configs, before any job ----------------------------------------------------
+def multirun_jobs(config: DictConfig) -> list[list[str]] | None:
+    """The override list of every job Hydra's basic sweeper will launch (``hydra.sweeper.params`` then the
+    command line, as the sweeper combines them); ``None`` for another sweeper (its own search)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    target = str(OmegaConf.select(config, "hydra.sweeper._target_", default=""))
+    if not target.endswith("BasicSweeper"):
+        return None
+    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
+    task = list(OmegaConf.select(config, "hydra.overrides.task") or [])
+    overrides = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()] + task)
+    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+
+
+class CheckSweep(HydraCallback):
+    """Hydra callback (``conf/train.yaml``): before a multirun launches its first job, compose and validate
+    every job's config, so a bad value in the 12th job fails the sweep now, naming the job, instead of
+    after 11 trainings (or stopping the basic launcher's sweep in the middle)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra import compose
+
+        from frep_lightning.config import ConfigError, validate_train_config
+
+        jobs = multirun_jobs(config)
+        name = kwargs.get("config_name") or "train"
+        if not jobs or name != "train":
+            return
+        problems = []
+        for num, job in enumerate(jobs):
+            try:
+                validate_train_config(compose(config_name=name, overrides=job))
+            except ConfigError as err:
+                problems.append(f"job {num} ({' '.join(job)}): {str(err).split(chr(10), 1)[-1].strip()}")
+        if problems:  # SystemExit: Hydra turns a callback's exceptions into warnings and launches anyway
+            raise SystemExit(
+                f"ConfigError: {len(problems)} of the {len(jobs)} sweep jobs have an invalid config; nothing was "
+                "launched:\n  " + "\n  ".join(problems)
+            )
+        log.info("CheckSweep: the %d jobs' configs are valid", len(jobs))
+
+
 def sweep_jobs(devices: Any = "auto", devices_per_job: int = 1, jobs_per_device: int = 1) -> int:
     """Resolver for the launcher's ``n_jobs``: one job per slot (at least 1, for CPU machines)."""
     if isinstance(devices, (DictConfig, ListConfig)):
