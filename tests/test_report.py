@@ -269,6 +269,26 @@ def test_run_accuracies_prefer_eval_json(tmp_path: Path) -> None:
     }
 
 
+def test_square_column_holds_the_standard_budget_only_and_notes_say_what_mixes(tmp_path: Path) -> None:
+    """Square at 200 queries (in eval.json or an extra file) is a Fig. 6 point, not the table's Square; a
+    summary.json PGD-10 next to eval.json's worst case (over other attacks) is flagged as outside it."""
+    settings = {"attack_settings": {"square": {"queries": 200}}}
+    evaluation = {"clean": 0.5, "n": 100, "pgd20": 0.2, "square": 0.18, "worst_case": 0.18, **settings}
+    write_run(tmp_path / "a", [], "ori", 0.9, summary={"clean_acc": 0.5, "pgd_acc": 0.165, "n_test": 200},
+              evaluation=evaluation)  # fmt: skip
+    write_run(tmp_path / "b", [], "frep", 0.9, summary={"clean_acc": 0.6, "pgd_acc": 0.2, "n_test": 200})
+    (tmp_path / "b" / "eval_square_q200.json").write_text(json.dumps({"n": 100, "square": 0.04, **settings}))
+    (tmp_path / "b" / "eval_square_q5000.json").write_text(
+        json.dumps({"n": 100, "square": 0.03, "attack_settings": {"square": {"queries": 5000}}})
+    )
+    runs = {r.method: r for r in collect([tmp_path / "a", tmp_path / "b"])[0]}
+    assert "square" not in runs["ori"].accuracies() and runs["ori"].square_curve() == {200: 0.18}
+    assert runs["frep"].accuracies()["square"] == 0.03 and runs["frep"].square_curve() == {200: 0.04, 5000: 0.03}
+    report = write_report([tmp_path / "a", tmp_path / "b"], tmp_path / "out").read_text()
+    assert "Square: 5,000 queries (other budgets: Fig. 6)." in report
+    assert "PGD-10 comes from a separate evaluation (summary.json), so it is not part of that row" in report
+
+
 def test_cli(fake_sweep: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sweep, _ = fake_sweep
     assert main([str(sweep)]) == 0

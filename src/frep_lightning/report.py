@@ -172,10 +172,13 @@ class Run:
                 name = key[: -len("_acc")]
                 if key.endswith("_acc") and name not in ("clean", "pgd") and isinstance(value, (int, float)):
                     acc[name] = float(value)
-            out.update({name: (value, n, "summary.json") for name, value in acc.items()})
+            out.update({name: (value, n, "summary.json") for name, value in acc.items() if _counts(self.summary, name)})
         if self.evaluation is not None:
             n = self.evaluation.get("n") if isinstance(self.evaluation.get("n"), int) else None
-            out.update({name: (value, n, "eval.json") for name, value in _attack_numbers(self.evaluation).items()})
+            out.update(
+                {name: (value, n, "eval.json") for name, value in _attack_numbers(self.evaluation).items()
+                 if _counts(self.evaluation, name)}
+            )  # fmt: skip
         for file, extra in self.extra_evals.items():
             n = extra.get("n") if isinstance(extra.get("n"), int) else None
             for name, value in _attack_numbers(extra).items():
@@ -253,16 +256,19 @@ def _attack_numbers(data: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _extra_attack_counts(extra: dict[str, Any], name: str) -> bool:
-    """Whether an extra ``eval_*.json`` number may stand in a table column: not ``clean`` or
-    ``worst_case`` (they belong to that file's subset and attack list), and Square only at the standard
-    budget (other budgets are points of the queries curve, Fig. 6)."""
-    if name in ("clean", "worst_case"):
-        return False
+def _counts(source: dict[str, Any], name: str) -> bool:
+    """Whether a file's number may stand in its table column: Square only at the standard budget, from any
+    file (other budgets are points of the queries curve, Fig. 6, not "Square" beside standard results)."""
     if name == "square":
-        queries = (extra.get("attack_settings") or {}).get("square", {}).get("queries")
+        queries = (source.get("attack_settings") or {}).get("square", {}).get("queries")
         return queries in (None, SQUARE_STANDARD_QUERIES)
     return True
+
+
+def _extra_attack_counts(extra: dict[str, Any], name: str) -> bool:
+    """Whether an extra ``eval_*.json`` number may stand in a table column: not ``clean`` or
+    ``worst_case`` (they belong to that file's subset and attack list), and as :func:`_counts` says."""
+    return name not in ("clean", "worst_case") and _counts(extra, name)
 
 
 def is_run_dir(path: Path) -> bool:
@@ -451,10 +457,14 @@ def sample_size_note(rows: dict[tuple[float, str], list[Run]], columns: Sequence
     separate: dict[str, set[str]] = defaultdict(set)  # column -> extra files it came from
     for runs in rows.values():
         for run in runs:
-            for name, (_, n, file) in run.measured().items():
+            measured = run.measured()
+            worst_file = measured["worst_case"][2] if "worst_case" in measured else None
+            for name, (_, n, file) in measured.items():
                 if n is not None:
                     sizes[name].add(n)
-                if file not in ("summary.json", "eval.json"):
+                if file not in ("summary.json", "eval.json") or (
+                    worst_file is not None and file != worst_file and name not in ("clean", "worst_case")
+                ):  # e.g. summary.json's PGD-10 beside eval.json's worst case over other attacks
                     separate[name].add(file)
     notes = []
     present = [(name, title) for name, title in columns if sizes.get(name)]
@@ -470,6 +480,8 @@ def sample_size_note(rows: dict[tuple[float, str], list[Run]], columns: Sequence
                 f"{title} comes from a separate evaluation ({', '.join(sorted(separate[name]))}), so it is not part "
                 "of that row's Worst case: the lower of the two bounds the robust accuracy."
             )
+    if any(name == "square" for name, _ in present):
+        notes.append(f"Square: {SQUARE_STANDARD_QUERIES:,} queries (other budgets: Fig. 6).")
     return " ".join(notes)
 
 
