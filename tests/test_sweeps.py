@@ -359,3 +359,31 @@ def test_wandb_offline_run_gets_resolved_config_and_summary(tmp_path: Path) -> N
     run.finish()
     saved = list(tmp_path.glob("wandb/offline-run-*/files/summary.json"))
     assert len(saved) == 1 and json.loads(saved[0].read_text()) == {"clean_acc": 0.5}
+
+
+def test_frep_eval_adds_to_the_training_runs_wandb_summary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """summary.json keeps the training run's W&B id; frep-eval's W&B logger (the run's own config by default)
+    resumes that run instead of starting a look-alike, so the run's summary gets the eval numbers."""
+    from frep_lightning.eval import _training_wandb_id, log_report, make_loggers
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    loggers = sweep.wandb_logger(str(tmp_path), project="test", name="run", mode="offline")
+    trainer = SimpleNamespace(loggers=loggers, is_global_zero=True)
+    run_id = sweep.wandb_run_id(trainer)
+    assert run_id == loggers[1].experiment.id
+    assert sweep.wandb_run_id(SimpleNamespace(loggers=[], is_global_zero=True)) is None
+    loggers[1].experiment.finish()
+    (tmp_path / "summary.json").write_text(json.dumps({"clean_acc": 0.5, "wandb_run_id": run_id}))
+    (tmp_path / "config.yaml").write_text("logger: {}\n")
+    assert _training_wandb_id(tmp_path / "config.yaml") == run_id
+    target = "frep_lightning.sweep.wandb_logger"
+    run_cfg = OmegaConf.create({"logger": {"_target_": target, "project": "test", "name": "run", "mode": "offline"}})
+    made = make_loggers(OmegaConf.create({}), run_cfg, tmp_path / "eval_logs", run_id)
+    wandb_logger = [lg for lg in made if type(lg).__name__ == "WandbLogger"]
+    assert wandb_logger and wandb_logger[0].experiment.id == run_id
+    report = {"clean": 0.5, "attacks": ["pgd50"], "pgd50": 0.2, "worst_case": 0.2, "sparsity": 0.9, "n": 10,
+              "sizes": {"model_sparse_bytes": 100}}  # fmt: skip
+    log_report(made, report)  # logs, updates the summary and finishes the run
+    # the offline record carries the training run's id: `wandb sync` puts it into that run
+    assert [p.name.rsplit("-", 1)[-1] for p in (tmp_path / "eval_logs" / "wandb").glob("offline-run-*")] == [run_id]
+    assert make_loggers(OmegaConf.create({}), OmegaConf.create({"logger": None}), tmp_path, run_id) == []

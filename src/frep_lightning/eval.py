@@ -16,6 +16,7 @@ and the same numbers to the logger (``logger=auto``: the run's own logger config
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -303,18 +304,38 @@ def print_report(report: Mapping[str, Any], layers: bool = True) -> None:
 
 
 # -- logging ---------------------------------------------------------------------------------
-def make_loggers(cfg: DictConfig, run_cfg: DictConfig | None, save_dir: Path) -> list[Any]:
+WANDB_FACTORIES = ("frep_lightning.sweep.wandb_logger", "frep_lightning.sweep.auto_logger")
+
+
+def make_loggers(
+    cfg: DictConfig, run_cfg: DictConfig | None, save_dir: Path, wandb_run_id: str | None = None
+) -> list[Any]:
     """The logger group chosen for frep-eval (``logger=csv|wandb|auto``; ``logger=none``: none), or,
-    when none was chosen, the run's own logger config, writing under ``save_dir``."""
+    when none was chosen, the run's own logger config, writing under ``save_dir``. With the training
+    run's W&B id (its ``summary.json``) a W&B logger resumes that run, so its summary gets the numbers."""
     node = cfg.logger if "logger" in cfg else (None if run_cfg is None else run_cfg.get("logger"))
     if not enabled(node):
         return []
     node = OmegaConf.create(OmegaConf.to_container(node, resolve=True))
     node.save_dir = str(save_dir)
+    if wandb_run_id and node.get("_target_") in WANDB_FACTORIES:
+        node.id, node.resume = wandb_run_id, "allow"
     made = instantiate(node)
     if made is False or made is None:
         return []
     return list(made) if isinstance(made, (list, tuple)) else [made]
+
+
+def _training_wandb_id(config_path: Path | None) -> str | None:
+    """``wandb_run_id`` of the run's ``summary.json`` (beside its config.yaml), if any."""
+    path = None if config_path is None else config_path.parent / "summary.json"
+    if path is None or not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text()).get("wandb_run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and value else None
 
 
 def log_report(loggers: list[Any], report: Mapping[str, Any]) -> dict[str, float]:
@@ -413,7 +434,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     write_json(report, out)
     print_report(report, layers=bool(cfg.get("print_layers", True)))
     log.info("eval: wrote %s", out)
-    loggers = make_loggers(cfg, run_cfg, out.parent / "eval_logs")
+    loggers = make_loggers(cfg, run_cfg, out.parent / "eval_logs", _training_wandb_id(config_path))
     log_report(loggers, report)
     for w in result.warnings:
         log.warning(w)

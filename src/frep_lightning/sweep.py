@@ -293,6 +293,12 @@ def _wandb_loggers(trainer: Any) -> list[Any]:
     return [lg for lg in getattr(trainer, "loggers", []) if isinstance(lg, WandbLogger)]
 
 
+def wandb_run_id(trainer: Any) -> str | None:
+    """The W&B run id of a trainer's WandbLogger (None without one, or on ranks > 0)."""
+    loggers = _wandb_loggers(trainer)
+    return str(loggers[0].experiment.id) if loggers and trainer.is_global_zero else None
+
+
 def start_wandb(trainer: Any, cfg: DictConfig) -> None:
     """Close a run left open by an earlier job of this process, then log the resolved config."""
     loggers = _wandb_loggers(trainer)

@@ -43,7 +43,7 @@ from frep_lightning.module import FReP
 from frep_lightning.monitor import RobustnessMonitor
 from frep_lightning.pruning import RobustPruning, sparsity_report
 from frep_lightning.reparam import merge_
-from frep_lightning.sweep import finish_wandb, start_wandb
+from frep_lightning.sweep import finish_wandb, start_wandb, wandb_run_id
 
 log = logging.getLogger("frep_lightning")
 
@@ -159,6 +159,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise RuntimeError("training ended before the merged model was exported (interrupted?)")
 
     summary = summarize(cfg, trainer, datamodule, export, train_seconds)
+    summary["wandb_run_id"] = wandb_run_id(trainer)  # frep-eval adds its numbers to this run
     if trainer.is_global_zero:
         write_json(summary, run_dir / "summary.json")
         log.info("summary: %s", {k: summary[k] for k in ("sparsity", "clean_acc", "pgd_acc", "train_seconds")})
