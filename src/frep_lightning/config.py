@@ -12,6 +12,7 @@ callbacks are used outside this app).
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from typing import Any
 
 from omegaconf import Container, DictConfig, OmegaConf
 
+from frep_lightning.attacks import BN_MODES as ATTACK_BN
 from frep_lightning.attacks import PRECISIONS as ATTACK_PRECISIONS
 from frep_lightning.attacks import parse_eps
 from frep_lightning.reparam import INITS as REPARAM_INITS
@@ -27,10 +29,6 @@ from frep_lightning.reparam import KINDS as REPARAM_KINDS
 
 DATASETS = {"cifar10": 10, "cifar100": 100, "svhn": 10}
 DATA_FORMATS = ("auto", "pack", "torchvision")
-PRUNING_MODES = ("unstructured", "structured")
-ENSEMBLE_BN = ("recompute", "copy", "average")
-ENSEMBLE_AVERAGE = ("factors", "product")
-ATTACK_BN = ("train", "eval")
 # Hydra's own keys inside a node that has a _target_
 _HYDRA_KEYS = {"_target_", "_recursive_", "_convert_", "_partial_", "_args_"}
 # nodes instantiated by frep-train; their keys must be parameters of the target
@@ -93,6 +91,25 @@ def _between(lo: float, hi: float, lo_open: bool, hi_open: bool) -> Callable[[An
 def _one_of(values: Callable[[], Sequence[str]] | Sequence[str]) -> tuple[Callable[[Any, DictConfig], bool], Any]:
     get = values if callable(values) else (lambda: values)
     return (lambda v, _: v in get()), (lambda _: f"is not valid; allowed values: {', '.join(get())}")
+
+
+# The callbacks' own choices (read lazily: those modules import Lightning)
+def _pruning_modes() -> Sequence[str]:
+    from frep_lightning.pruning import MODES
+
+    return MODES
+
+
+def _ensemble_bn() -> Sequence[str]:
+    from frep_lightning.ensemble import BN_MODES
+
+    return BN_MODES
+
+
+def _ensemble_average() -> Sequence[str]:
+    from frep_lightning.ensemble import AVERAGE_MODES
+
+    return AVERAGE_MODES
 
 
 def _eps(v: Any, _: DictConfig) -> bool:
@@ -217,7 +234,7 @@ RULES: list[Rule] = [
     _rule("pruning.epoch", _prune_epoch,
           lambda cfg: f"must be an integer in [0, trainer.max_epochs={OmegaConf.select(cfg, 'trainer.max_epochs')})",
           required=True, group="pruning"),
-    _rule("pruning.mode", _one_of(PRUNING_MODES), group="pruning"),
+    _rule("pruning.mode", _one_of(_pruning_modes), group="pruning"),
     _rule("pruning.include", _str_list, "must be a list of fnmatch patterns", group="pruning"),
     _rule("pruning.exclude", _str_list, "must be a list of fnmatch patterns", group="pruning"),
     # ensemble
@@ -226,9 +243,9 @@ RULES: list[Rule] = [
     _rule("ensemble.c", _between(0, float("inf"), True, True), "must be a number > 0", group="ensemble"),
     _rule("ensemble.interval_factor", _int_at_least(1), "must be an integer >= 1", group="ensemble"),
     _rule("ensemble.lr_drop_ratio", _between(0, 1, True, True), "must be in (0, 1)", group="ensemble"),
-    _rule("ensemble.bn", _one_of(ENSEMBLE_BN), group="ensemble"),
+    _rule("ensemble.bn", _one_of(_ensemble_bn), group="ensemble"),
     _rule("ensemble.bn_batches", _int_at_least(1), _POS_INT, group="ensemble"),
-    _rule("ensemble.average", _one_of(ENSEMBLE_AVERAGE), group="ensemble"),
+    _rule("ensemble.average", _one_of(_ensemble_average), group="ensemble"),
     # final evaluation and the overfitting monitor
     _rule("eval.eps", _eps, _EPS),
     _rule("eval.step_size", _eps, _EPS),
@@ -316,11 +333,19 @@ def check_target_keys(cfg: DictConfig, nodes: Sequence[str] = TARGET_NODES) -> l
     return errors
 
 
+@functools.cache
+def _primary_config(config_name: str) -> DictConfig:
+    """``conf/<config_name>.yaml`` as written (read once: CheckSweep validates every job of a sweep)."""
+    config = OmegaConf.load(Path(config_dir()) / f"{config_name}.yaml")
+    OmegaConf.set_readonly(config, True)
+    return config
+
+
 def closed_key_errors(cfg: DictConfig, config_name: str, nodes: Sequence[str], extra: Sequence[str] = ()) -> list[str]:
     """Keys that ``config_name``.yaml does not define, top level and inside its plain ``nodes`` (those
     without ``_target_``, read by our code: a ``+`` typo there would be ignored or end in a bare TypeError
     after setup). Group nodes (``data``, ``method``...) are checked by their own rules and targets."""
-    base = OmegaConf.load(Path(config_dir()) / f"{config_name}.yaml")
+    base = _primary_config(config_name)
     groups = [next(iter(d)) for d in base.get("defaults", []) if isinstance(d, DictConfig) and len(d) == 1]
     allowed = (set(base.keys()) | {str(g) for g in groups} | set(extra)) - {"defaults", "hydra"}
     errors = [
