@@ -382,6 +382,34 @@ def test_arguments_accept_numpy_numbers_and_one_pattern_string() -> None:
     assert [n for n, _, _ in iter_masked(module)] == ["net.0"]  # "net.2" is one pattern, not 5 characters
 
 
+def test_integer_arguments_take_numpy_integers_and_refuse_bools_naming_the_key(tmp_path: Path) -> None:
+    import numpy as np
+
+    from frep_lightning.attacks import PGD
+    from frep_lightning.checkpointing import LastCheckpoint
+    from frep_lightning.evaluate import SquareEval, WhiteBoxAttack
+    from frep_lightning.lwm import GradualPruning
+    from frep_lightning.monitor import RobustnessMonitor
+
+    made = {
+        "attack.steps": lambda v: PGD(steps=v).steps,
+        "checkpoint.every_n_train_steps": lambda v: LastCheckpoint(tmp_path, v)._every_n_train_steps,
+        "restarts": lambda v: WhiteBoxAttack(PGD(steps=2), restarts=v).restarts,
+        "queries": lambda v: SquareEval(queries=v).queries,
+        "pruning.end_epoch": lambda v: GradualPruning(0.5, epoch=1, end_epoch=v).end_epoch,
+        "monitor.n_images": lambda v: RobustnessMonitor(n_images=v).n_images,
+    }
+    for key, make in made.items():
+        value = make(np.int64(3))
+        assert value == 3 and type(value) is int, key
+        with pytest.raises(ValueError, match=rf"{re.escape(key)}=True must be an integer >= "):
+            make(True)
+        with pytest.raises(ValueError, match=rf"{re.escape(key)}=0 must be an integer >= "):
+            make(0)
+    with pytest.raises(ValueError, match=r"pruning\.end_epoch=0 must be an integer >= 1 \(pruning\.epoch=1\)"):
+        GradualPruning(0.5, epoch=1, end_epoch=0)
+
+
 class Seen(pl.Callback):
     """The training batches (their sums) in the order the steps saw them."""
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from frep_lightning.checks import check_choice
+from frep_lightning.checks import check_choice, check_int
 
 LossFn = Callable[[Tensor], Tensor]
 BN_MODES = ("train", "eval")
@@ -122,9 +122,7 @@ class SignGradientAttack:
         bn: str = "train",
     ) -> None:
         self.eps = parse_eps(eps)
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"attack.steps={steps!r} must be an integer >= 1")
-        self.steps = steps
+        self.steps = steps = check_int("attack.steps", steps, 1)
         if step_size is None:
             self.step_size = self.eps if steps == 1 else self.eps / 4
         else:

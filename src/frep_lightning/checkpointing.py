@@ -41,6 +41,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from torch import Tensor
 
+from frep_lightning.checks import check_int
 from frep_lightning.export import atomic_write_bytes, safe_load
 
 MODEL_STATE_KEYS = ("state_dict", "current_model_state")
@@ -174,10 +175,8 @@ class LastCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, dirpath: Any, every_n_train_steps: int | None = None) -> None:
-        if every_n_train_steps is not None and (
-            not isinstance(every_n_train_steps, int) or isinstance(every_n_train_steps, bool) or every_n_train_steps < 1
-        ):
-            raise ValueError(f"checkpoint.every_n_train_steps={every_n_train_steps!r} must be an integer > 0 or null")
+        if every_n_train_steps is not None:
+            every_n_train_steps = check_int("checkpoint.every_n_train_steps", every_n_train_steps, 1)
         super().__init__(
             dirpath=dirpath,
             filename="last",

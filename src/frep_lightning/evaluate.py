@@ -55,7 +55,7 @@ from frep_lightning.attacks import (
     cross_entropy_loss,
     parse_eps,
 )
-from frep_lightning.checks import check_choice
+from frep_lightning.checks import check_choice, check_int
 
 log = logging.getLogger("frep_lightning")
 
@@ -120,8 +120,7 @@ class WhiteBoxAttack(EvalAttack):
     """
 
     def __init__(self, attack: SignGradientAttack, name: str = "pgd", restarts: int = 1, precision: str = "fp32"):
-        if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
-            raise ValueError(f"restarts={restarts!r} must be an integer >= 1")
+        restarts = check_int("restarts", restarts, 1)
         check_choice("precision", precision, PRECISIONS)
         self.attack = attack
         self.name = name
@@ -165,9 +164,7 @@ class SquareEval(EvalAttack):
     def __init__(self, eps: float | str = "8/255", queries: int = 5000, seed: int = 0, p_init: float = 0.8) -> None:
         self.name = "square"
         self.eps = parse_eps(eps, "eps")
-        if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
-            raise ValueError(f"queries={queries!r} must be an integer >= 1")
-        self.queries = queries
+        self.queries = check_int("queries", queries, 1)
         self.seed = int(seed)
         self.p_init = float(p_init)
 

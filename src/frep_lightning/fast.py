@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from frep_lightning.attacks import PRECISIONS, SignGradientAttack
-from frep_lightning.checks import check_choice
+from frep_lightning.checks import check_choice, check_int
 from frep_lightning.module import FReP
 from frep_lightning.objectives import Objective
 from frep_lightning.reparam import Hadamard, Plain, factors, iter_masked
@@ -253,8 +253,7 @@ class FastStep:
         _check_streams(streams, capture, attack)
         check_choice("fast.precision", precision, PRECISIONS)
         check_choice("fast.sgd", sgd, SGD_IMPLS)
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
-            raise ValueError(f"fast.warmup_steps={warmup_steps!r} must be an integer >= 1 (capture needs a warm-up)")
+        warmup_steps = check_int("fast.warmup_steps", warmup_steps, 1)  # capture needs a warm-up
         if not isinstance(optimizer, torch.optim.SGD):
             raise TypeError(
                 f"the fast path re-implements torch.optim.SGD's update inside the captured step; got "
@@ -619,8 +618,7 @@ class FastFReP(FReP):
             if not isinstance(flag, bool):
                 raise ValueError(f"fast.{key} must be true or false, got {flag!r}")
         _check_compile_model(compile_model, capture, cache_weights)
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 1:
-            raise ValueError(f"fast.warmup_steps={warmup_steps!r} must be an integer >= 1 (capture needs a warm-up)")
+        warmup_steps = check_int("fast.warmup_steps", warmup_steps, 1)  # capture needs a warm-up
         super().__init__(model, *args, **kwargs)
         _check_streams(streams, capture, self.attack)  # needs the attack (its BatchNorm mode)
         self.automatic_optimization = False

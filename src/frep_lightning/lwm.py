@@ -23,6 +23,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 
+from frep_lightning.checks import check_int
 from frep_lightning.pruning import RobustPruning, channel_masks
 from frep_lightning.reparam import iter_masked
 
@@ -107,8 +108,11 @@ class GradualPruning(RobustPruning):
         exclude: tuple[str, ...] | list[str] = (),
     ) -> None:
         super().__init__(sparsity=sparsity, epoch=epoch, mode=mode, include=include, exclude=exclude)
-        if end_epoch is not None and (not isinstance(end_epoch, int) or end_epoch < epoch):
-            raise ValueError(f"pruning.end_epoch={end_epoch!r} must be an integer >= pruning.epoch={epoch}")
+        if end_epoch is not None:
+            try:
+                end_epoch = check_int("pruning.end_epoch", end_epoch, epoch)
+            except ValueError as err:
+                raise ValueError(f"{err} (pruning.epoch={epoch})") from None
         self.end_epoch = end_epoch
         self.current_sparsity = 0.0
         self.last_epoch: int | None = None  # epoch of the latest pruning step

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from frep_lightning.attacks import PGD, PRECISIONS, SignGradientAttack, attack_precision, cross_entropy_loss
-from frep_lightning.checks import check_choice
+from frep_lightning.checks import check_choice, check_int
 from frep_lightning.objectives import SRE, Objective, accuracy
 from frep_lightning.reparam import reparameterize_
 
@@ -63,8 +63,7 @@ class FReP(pl.LightningModule):
             raise ValueError(f"optim.weight_decay={weight_decay!r} must be >= 0")
         if list(milestones) != sorted(milestones) or any(m <= 0 for m in milestones):
             raise ValueError(f"optim.milestones={list(milestones)!r} must be increasing positive epochs")
-        if not isinstance(val_attack_steps, int) or val_attack_steps < 0:
-            raise ValueError(f"module.val_attack_steps={val_attack_steps!r} must be an integer >= 0")
+        val_attack_steps = check_int("module.val_attack_steps", val_attack_steps, 0)
         check_choice("val_attack_precision", val_attack_precision, PRECISIONS)
         self.save_hyperparameters(ignore=["model", "objective", "attack"])
         self.model = reparameterize_(model, kind=reparam_kind, init=reparam_init, seed=seed)

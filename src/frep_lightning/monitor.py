@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from frep_lightning.attacks import PGD, PRECISIONS, attack_precision, cross_entropy_loss, eval_mode
-from frep_lightning.checks import check_choice
+from frep_lightning.checks import check_choice, check_int
 
 
 class RobustnessMonitor(Callback):
@@ -35,8 +35,8 @@ class RobustnessMonitor(Callback):
         batch_size: int = 256,
         precision: str = "fp32",
     ) -> None:
-        if not isinstance(n_images, int) or n_images <= 0:
-            raise ValueError(f"monitor.n_images={n_images!r} must be an integer > 0")
+        n_images = check_int("monitor.n_images", n_images, 1)
+        batch_size = check_int("monitor.batch_size", batch_size, 1)
         if not 0 < collapse_ratio < 1:
             raise ValueError(f"monitor.collapse_ratio={collapse_ratio!r} must be in (0, 1)")
         check_choice("monitor.precision", precision, PRECISIONS)
