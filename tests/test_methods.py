@@ -99,7 +99,14 @@ def test_every_method_composes_and_trains(method: str, tmp_path: Path) -> None:
     state = torch.load(tmp_path / "model.pt", weights_only=True)
     weights = [v for k, v in state.items() if k.endswith(".weight") and v.dim() in (2, 4)]
     zeros, total = sum(int((w == 0).sum()) for w in weights), sum(w.numel() for w in weights)
-    if pruned and method != "frep_ch":
+    if method == "frep_ch":  # structured by default: whole output channels, counted globally
+        assert cfg.pruning.mode == "structured"
+        rows = [w.flatten(1) for w in weights]
+        dead = sum(int((r == 0).all(1).sum()) for r in rows)
+        assert dead == round(0.8 * sum(r.shape[0] for r in rows)) and zeros == sum(
+            int((r == 0).all(1).sum()) * r.shape[1] for r in rows
+        )
+    elif pruned:
         assert zeros == round(0.8 * total)
     elif not pruned:
         assert zeros == 0

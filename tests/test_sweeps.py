@@ -387,3 +387,19 @@ def test_frep_eval_adds_to_the_training_runs_wandb_summary(tmp_path: Path, monke
     # the offline record carries the training run's id: `wandb sync` puts it into that run
     assert [p.name.rsplit("-", 1)[-1] for p in (tmp_path / "eval_logs" / "wandb").glob("offline-run-*")] == [run_id]
     assert make_loggers(OmegaConf.create({}), OmegaConf.create({"logger": None}), tmp_path, run_id) == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "name"),
+    [
+        ((), "frep-resnet18-cifar10-s0.9"),
+        (("method=frep_ch",), "frep_ch-resnet18-cifar10-s0.7"),
+        (("method=lwm", "++pruning.sparsity=0.99"), "lwm-resnet18-cifar10-s0.99"),
+        (("method=dense_at",), "dense_at-resnet18-cifar10-dense"),
+        # a dense method in a sweep over ++pruning.sparsity: the value lands in a node that prunes nothing
+        (("method=dense_at", "++pruning.sparsity=0.9"), "dense_at-resnet18-cifar10-dense"),
+        (("pruning=none",), "frep-resnet18-cifar10-dense"),
+    ],
+)
+def test_run_name_says_dense_for_runs_that_prune_nothing(overrides: tuple[str, ...], name: str) -> None:
+    assert cfg_for(*overrides).run_name == name

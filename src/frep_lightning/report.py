@@ -313,6 +313,11 @@ class Sweep:
                 out.append((job, f"no summary.json in {run.path.name} (failed or still running)"))
         return out
 
+    def not_started(self) -> int:
+        """Expected jobs with no run directory (a started run without results is counted as a run)."""
+        started = {frozenset(r.overrides) for r in self.runs}
+        return sum(frozenset(job) not in started for job in self.expected)
+
 
 def expected_jobs(multirun_yaml: Path) -> tuple[list[list[str]], tuple[str, ...]]:
     """The job override lists the basic sweeper makes from ``multirun.yaml`` (sweeper params +
@@ -698,7 +703,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path, title: str = "fre
     lines = [f"# {title}", "", "Sources: " + ", ".join(f"`{Path(p)}`" for p in paths), ""]
     lines.append(
         f"{len(finished)} finished run(s), {len(runs) - len(finished)} without results, "
-        f"{sum(len(s.missing()) for s in sweeps)} expected sweep job(s) missing. Accuracies in %; "
+        f"{sum(s.not_started() for s in sweeps)} expected sweep job(s) not started. Accuracies in %; "
         '"Target" is the pruning target, "Sparsity" the measured fraction of exact zeros (%).'
     )
     devices = sorted({str(r.summary.get("device")) for r in finished if r.summary and r.summary.get("device")})

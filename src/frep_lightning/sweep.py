@@ -328,7 +328,16 @@ def finish_wandb(trainer: Any, summary: dict[str, Any], run_dir: str | os.PathLi
             run.finish()
 
 
+def sparsity_tag(pruning: Any) -> str:
+    """The run name's sparsity part: ``s<target>`` when a pruning callback is configured, else ``dense``
+    (a dense method in a sweep over ``++pruning.sparsity`` keeps the value in a node that prunes nothing)."""
+    if isinstance(pruning, DictConfig) and pruning.get("_target_") and pruning.get("sparsity") is not None:
+        return f"s{pruning.sparsity}"
+    return "dense"
+
+
 def register_resolvers() -> None:
+    OmegaConf.register_new_resolver("frep_sparsity_tag", sparsity_tag, replace=True)
     OmegaConf.register_new_resolver("frep_sweep_jobs", sweep_jobs, replace=True)
     OmegaConf.register_new_resolver("frep_wandb_mode", wandb_mode, replace=True)
     OmegaConf.register_new_resolver("frep_sweep_group", sweep_group, replace=True)
