@@ -127,6 +127,17 @@ def test_objective_swap_on_frep(objective: str, cls: type, steps: int, tmp_path:
     assert module.attack.step_size == pytest.approx((2 if steps == 10 else 10) / 255)
 
 
+@pytest.mark.parametrize("init", ["ones", "equal"])
+def test_reparam_init_key_reaches_the_factors(init: str) -> None:
+    """`reparam.init` (the Table VIII key) sets how every layer's factors start."""
+    module = build_module(cfg_for(f"reparam.init={init}", "model.width=4"))
+    layers = [m for _, m, _ in iter_masked(module.model)]
+    assert layers
+    for m in layers:
+        w1, w2 = m.parametrizations.weight.original0, m.parametrizations.weight.original1
+        assert torch.equal(w2, torch.ones_like(w2) if init == "ones" else w1.abs())
+
+
 def test_command_line_objective_wins_over_the_method_choice() -> None:
     assert cfg_for("method=lwm", "objective=trades").method.objective._target_.endswith("TRADES")
     assert cfg_for("method=dense_at", "pruning=unstructured").pruning._target_.endswith("RobustPruning")

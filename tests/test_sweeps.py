@@ -37,7 +37,7 @@ TABLES = {
     "table5": (8, {"method", "fast.enabled"}),
     "table6": (20, {"++pruning.sparsity", "method"}),
     "table7": (20, {"data", "ensemble", "objective"}),
-    "table8": (9, {"++pruning.sparsity", "method.reparam_init"}),
+    "table8": (9, {"++pruning.sparsity", "reparam.init"}),
 }
 
 
@@ -104,7 +104,7 @@ def test_table_specific_settings() -> None:
     t7 = cfg_for("experiment=table7", "objective=mart", "ensemble=none")
     assert t7.method.objective._target_.endswith("MART") and not enabled(t7.ensemble)
     assert t7.method.reparam_kind == "hadamard" and t7.pruning.sparsity == 0.9
-    t8 = cfg_for("experiment=table8", "method.reparam_init=ones", "++pruning.sparsity=0.0")
+    t8 = cfg_for("experiment=table8", "reparam.init=ones", "++pruning.sparsity=0.0")
     assert t8.method.reparam_init == "ones" and t8.pruning.sparsity == 0.0
     t1 = cfg_for("experiment=table1", "method=dense_at")
     assert not enabled(t1.pruning) and t1.eval.attacks == ["clean", "fgsm", "pgd50", "mim50", "square", "aa"]

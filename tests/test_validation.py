@@ -76,6 +76,7 @@ BAD = [
     ("method.attack.steps", 0, "must be an integer > 0"),
     ("method.reparam_kind", "lowrank", "allowed values: hadamard, channel, none"),
     ("method.reparam_init", "zeros", "allowed values: random, equal, ones"),
+    ("reparam.init", "zeros", "allowed values: random, equal, ones"),
     ("model.name", "resnet1000", "allowed values: resnet18, resnet34"),
     ("model.name", "torchvision.no_such_net", "torchvision.<name>"),
     ("data.name", "imagenet", "allowed values: cifar10, cifar100, svhn"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,6 +214,7 @@ RULES: list[Rule] = [
     # method
     _rule("method.name", _one_of(method_names), required=True),
     _rule("method.reparam_kind", _one_of(REPARAM_KINDS)),
+    _rule("reparam.init", _one_of(REPARAM_INITS)),
     _rule("method.reparam_init", _one_of(REPARAM_INITS)),
     _rule("method.attack.eps", _eps, _EPS),
     _rule("method.attack.step_size", _eps, _EPS, nullable=True),
@@ -280,11 +282,26 @@ def _group_on(cfg: DictConfig, group: str) -> bool:
     return enabled(node)
 
 
+def _copied_from(cfg: DictConfig, key: str) -> str | None:
+    """The key that ``key``'s value is a plain copy of (``key: ${other}``), else None."""
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    if not isinstance(parent, DictConfig) or leaf not in parent or not OmegaConf.is_interpolation(parent, leaf):
+        return None
+    raw = OmegaConf.to_container(parent, resolve=False)[leaf]  # type: ignore[index]
+    match = re.fullmatch(r"\$\{([\w.]+)\}", str(raw))
+    return match.group(1) if match else None
+
+
 def check_rules(cfg: DictConfig, rules: Sequence[Rule] = RULES) -> list[str]:
-    """One message per violated rule."""
+    """One message per violated rule; a key that only copies an already rejected key (``${...}``)
+    is not reported again."""
     errors = []
+    rejected: set[str] = set()
     for rule in rules:
         if rule.group is not None and not _group_on(cfg, rule.group):
+            continue
+        if _copied_from(cfg, rule.key) in rejected:
             continue
         value = _value(cfg, rule.key)
         if value is _ABSENT:
@@ -297,6 +314,7 @@ def check_rules(cfg: DictConfig, rules: Sequence[Rule] = RULES) -> list[str]:
             continue
         if not rule.check(value, cfg):
             errors.append(f"{rule.key}={value!r} {rule.text(cfg)}")
+            rejected.add(rule.key)
     return errors
 
 
@@ -403,7 +421,9 @@ def validate_train_config(cfg: DictConfig, check_data: bool = False) -> None:
     ``check_data`` (what ``frep-train`` does) also :class:`DataNotFoundError`, a
     ``FileNotFoundError`` too, when data.root holds no dataset and data.download is off."""
     errors = check_rules(cfg) + check_target_keys(cfg)
-    errors += closed_key_errors(cfg, "train", ("checkpoint", "optim", "fast", "monitor", "eval"), extra=("run_dir",))
+    errors += closed_key_errors(
+        cfg, "train", ("checkpoint", "optim", "fast", "monitor", "eval", "reparam"), extra=("run_dir",)
+    )
     if not any(e.startswith("eval.") for e in errors):  # a bad eval.eps is one problem, not two
         errors += check_eval_attacks(cfg)
     if errors:
