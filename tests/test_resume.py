@@ -199,6 +199,15 @@ def test_resume_from_any_point_equals_uninterrupted_run(
     for key in ("clean_acc", "pgd_acc", "sparsity", "epochs", "global_steps", "overfitting_epochs", "n_test"):
         assert resumed[key] == pytest.approx(ref[key]), key
 
+    # killed after the last checkpoint but before model.pt: resuming from a finished run's last.ckpt
+    # trains 0 steps (Lightning skips the loop and on_train_end) and must still export the ensemble
+    done = tmp_path / "final" / "checkpoints" / "last.ckpt"
+    again = run_with(tiny_cfg(pack_root, cache_dir, tmp_path / "again", f"ckpt_path={done}"), monkeypatch)
+    exported = load_state_dict_file(tmp_path / "again" / "model.pt")
+    assert exported.keys() == b["model.pt"].keys()
+    assert all(torch.equal(exported[k], v) for k, v in b["model.pt"].items())
+    assert again["clean_acc"] == resumed["clean_acc"] and again["pgd_acc"] == resumed["pgd_acc"]
+
 
 def check_checkpoint_contents(ckpt: dict[str, Any], step: int) -> None:
     """Everything a resume needs is in the file (and it loaded with weights_only=True)."""

@@ -145,6 +145,7 @@ class TemporalEnsemble(WeightAveraging):
         self.last_tau: float | None = None
         self._bn_fresh = True  # ensemble BN stats match its weights
         self._swapped = False
+        self._kept = False  # the ensemble has been copied into the module at the end of this fit
         self._delta: list[Any] = [0.0, 0]  # (sum, count) of Eq. 14 over this validation epoch
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -153,6 +154,7 @@ class TemporalEnsemble(WeightAveraging):
         from frep_lightning.pruning import RobustPruning
 
         if stage == "fit":
+            self._kept = False
             for cb in trainer.callbacks:  # type: ignore[attr-defined]
                 if isinstance(cb, RobustPruning):
                     cb.setup(trainer, pl_module, stage)
@@ -341,8 +343,19 @@ class TemporalEnsemble(WeightAveraging):
             self._swapped = False
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The ensemble is the model that is kept: copy it into the live module."""
-        assert self._average_model is not None
+        self.keep(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Resuming a run from its final checkpoint skips the training loop, and with it
+        ``on_train_end``: the ensemble must still be the model that fit leaves behind."""
+        self.keep(trainer, pl_module)
+
+    def keep(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The ensemble is the model that is kept: copy it into the live module (once per fit; the
+        export at fit end calls it too, whatever the callback order)."""
+        if self._kept or self._average_model is None:
+            return
+        self._kept = True
         if self.n_updates == 0:
             rank_zero_warn(
                 "TemporalEnsemble made no update during training (fewer optimizer steps than "

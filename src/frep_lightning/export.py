@@ -148,6 +148,11 @@ class MergeReparameterization(Callback):
             self.target(pl_module)  # fail before training, not after it
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from frep_lightning.ensemble import TemporalEnsemble
+
+        for cb in trainer.callbacks:  # type: ignore[attr-defined]
+            if isinstance(cb, TemporalEnsemble):  # the ensemble is what is exported, even before its on_fit_end
+                cb.keep(trainer, pl_module)
         model = self.target(pl_module)
         prunable = [f"{n}.weight" for n, _, _ in iter_masked(model)]
         state = merged_state_dict(model)
