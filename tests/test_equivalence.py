@@ -15,6 +15,7 @@ import copy
 import functools
 import math
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -133,6 +134,16 @@ def test_device_batches_resume_mid_epoch() -> None:
     assert len(rest) == 2
     for (x1, y1), (x2, y2) in zip(rest, expected[3:], strict=True):
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    saved = {"epoch": 2, "batches": 1, **full.position_key()}
+    for other, key in (
+        (DeviceBatches(images, labels, 4, seed=1), "data.batch_size: 8 -> 4"),
+        (DeviceBatches(images, labels, 8, seed=1, num_replicas=2, rank=1), "ranks: 1 -> 2"),
+    ):
+        with pytest.raises(ValueError, match=rf"saved mid-epoch \(epoch 2, after 1 batch\).*{re.escape(key)}"):
+            other.load_state_dict(saved)
+        other.load_state_dict({**saved, "batches": 0})  # at an epoch start both may change
+    with pytest.raises(ValueError, match=r"data\.on_device \(shuffle order\): 'epoch_seeded' -> 'device'"):
+        DeviceBatches(images, labels, 8, seed=1).load_state_dict({**saved, "order": "epoch_seeded"})
     done = DeviceBatches(images, labels, 8, seed=1, progress=lambda: 5)
     done.load_state_dict({"epoch": 2, "batches": 5})  # saved after the epoch's last batch
     assert (done.epoch, done.skip_batches) == (3, 0)  # resumes at the start of the next epoch

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +33,7 @@ from frep_lightning.checkpointing import (
     NonFiniteStateError,
     RNGState,
 )
-from frep_lightning.config import config_dir
+from frep_lightning.config import ConfigError, config_dir
 from frep_lightning.data import ImageClassificationData
 from frep_lightning.ensemble import TemporalEnsemble
 from frep_lightning.export import NotOurFileError, load_state_dict_file, safe_load, save_state_dict
@@ -234,7 +235,8 @@ def check_checkpoint_contents(ckpt: dict[str, Any], step: int) -> None:
     assert ckpt["lr_schedulers"][0]["last_epoch"] == step // 2
     # the training loader's position: (epoch, batches of it already trained on)
     epoch, batches = {2: (0, 2), 3: (1, 1), 5: (2, 1)}[step]
-    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": epoch, "batches": batches}]
+    (position,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert position == {"epoch": epoch, "batches": batches, "order": "epoch_seeded", "batch_size": 4, "num_replicas": 1}
 
 
 # ---- the training loader alone: every kill point of a run, cheaply ---------------------------------
@@ -644,3 +646,54 @@ def test_out_of_memory_names_the_batch_size(
     message = str(info.value)
     assert "data.batch_size=4" in message and "lower data.batch_size (e.g. data.batch_size=2)" in message
     assert "CUDA out of memory. Tried to allocate 2.00 GiB" in message
+
+
+# ---- a resume continues the same run ------------------------------------------------------------
+class StepCount(pl.Callback):
+    def __init__(self) -> None:
+        self.n = 0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
+        self.n += 1
+
+
+@pytest.mark.usefixtures("deterministic")
+def test_resume_with_other_settings_is_refused_before_training(
+    pack_root: Path, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Saved right after pruning, mid-epoch 1 (step 3): a resume that would change what the run is, or
+    the batches its position counts, stops before any step and names what differs."""
+    with pytest.raises(Killed):
+        run_with(tiny_cfg(pack_root, cache_dir, tmp_path / "run"), monkeypatch, Recorder(new_log(), kill_at=3))
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    refused = {
+        ("pruning.sparsity=0.5",): "pruning: 'RobustPruning(unstructured, 0.9)' -> 'RobustPruning(unstructured, 0.5)'",
+        ("pruning=structured",): "pruning: 'RobustPruning(unstructured, 0.9)' -> 'RobustPruning(structured, 0.9)'",
+        ("ensemble=none",): "ensemble: 'TemporalEnsemble' -> None",
+        ("fast.enabled=true",): "fast.enabled: False -> True",  # another step counter: the ensemble would stall
+        ("method=ori",): "method.name: 'frep' -> 'ori'; method.reparam_kind: 'hadamard' -> 'none'",
+        ("model.width=3",): "model.width: 2 -> 3",
+    }
+    for extra, differs in refused.items():
+        steps = StepCount()
+        cfg = tiny_cfg(pack_root, cache_dir, tmp_path / "x", f"ckpt_path={ckpt}", *extra)
+        with pytest.raises(ConfigError, match=re.escape(differs)) as info:
+            run_with(cfg, monkeypatch, steps)
+        assert f"ckpt_path={ckpt} was saved by a run with other settings" in str(info.value)
+        assert steps.n == 0 and not (tmp_path / "x").exists(), extra  # before the run directory is made
+
+    # the loader's position counts batches of 4: with batches of 2, part of epoch 1 would be trained twice
+    steps = StepCount()
+    with pytest.raises(ValueError, match=r"saved mid-epoch \(epoch 1, after 1 batch\).*data\.batch_size: 4 -> 2"):
+        run_with(
+            tiny_cfg(pack_root, cache_dir, tmp_path / "y", f"ckpt_path={ckpt}", "data.batch_size=2"), monkeypatch, steps
+        )
+    assert steps.n == 0
+
+    # a checkpoint without the record (older files): the load error is named, not a raw state_dict dump
+    state = torch.load(ckpt, weights_only=True)
+    state["callbacks"] = {k: v for k, v in state["callbacks"].items() if not k.startswith("RunRecord")}
+    bare = tmp_path / "bare.ckpt"
+    torch.save(state, bare)
+    with pytest.raises(ConfigError, match=r"its weights do not fit the model this config builds"):
+        run_with(tiny_cfg(pack_root, cache_dir, tmp_path / "z", f"ckpt_path={bare}", "model.width=3"), monkeypatch)

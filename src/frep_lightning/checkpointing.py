@@ -283,3 +283,48 @@ class TrainingClock(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.before = float(state_dict.get("seconds", 0.0))
+
+
+def record_mismatches(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: checkpoint value -> this run's value`` for every key both records hold and disagree on."""
+    return [f"{k}: {saved[k]!r} -> {current[k]!r}" for k in current if k in saved and saved[k] != current[k]]
+
+
+class RunRecord(Callback):
+    """Writes the settings that make a run *this* run (model, method, pruning target, ensemble, train step)
+    into every checkpoint, and refuses to resume a checkpoint whose settings differ.
+
+    A resume continues the saved run: silently resuming a 90 %-pruned checkpoint as a 50 % run, dropping
+    its ensemble, or switching between step implementations with separate step counters gives a model
+    and a ``summary.json`` that describe two different runs. ``frep-train`` compares before loading
+    anything (:func:`read_run_record`); the check here also covers a Trainer built by hand.
+    """
+
+    def __init__(self, record: dict[str, Any]) -> None:
+        if not isinstance(record, dict) or not all(isinstance(k, str) for k in record):
+            raise ValueError(f"RunRecord(record={record!r}) must be a dict with string keys")
+        self.record = dict(record)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.record)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        mismatches = record_mismatches(state_dict, self.record)
+        if mismatches:
+            raise ValueError(mismatch_message("the checkpoint", mismatches))
+
+
+def mismatch_message(what: str, mismatches: list[str]) -> str:
+    return (
+        f"{what} was saved by a run with other settings than this one ({'; '.join(mismatches)}). A resume "
+        "continues the same run: resume with the checkpoint's values, or start a new run without ckpt_path"
+    )
+
+
+def read_run_record(path: str | Path) -> dict[str, Any] | None:
+    """The :class:`RunRecord` of a checkpoint file (memory-mapped: the weights are not read), or None."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if key.split("{")[0] == "RunRecord" and isinstance(state, dict):
+            return state
+    return None

@@ -33,9 +33,13 @@ from frep_lightning.checkpointing import (
     BackgroundCheckpointIO,
     LastCheckpoint,
     RNGState,
+    RunRecord,
     TrainingClock,
+    mismatch_message,
+    read_run_record,
+    record_mismatches,
 )
-from frep_lightning.config import config_dir, enabled, num_classes, validate_train_config
+from frep_lightning.config import ConfigError, config_dir, enabled, num_classes, validate_train_config
 from frep_lightning.evaluate import config_attacks, evaluate
 from frep_lightning.export import MergeReparameterization, load_state_dict_file, write_json
 from frep_lightning.fast import FastFReP, iter_fast_options
@@ -105,9 +109,37 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> tuple[list[Callback], Mer
     callbacks.append(export)
     callbacks.append(RNGState())
     callbacks.append(TrainingClock())
+    callbacks.append(RunRecord(run_record(cfg)))
     every = OmegaConf.select(cfg, "checkpoint.every_n_train_steps")
     callbacks.append(LastCheckpoint(run_dir / "checkpoints", every_n_train_steps=every))
     return callbacks, export
+
+
+# what a resume must keep: the model it loads into, and what the run is (its summary.json says so)
+RUN_RECORD_KEYS = ("data.name", "model.name", "model.width", "method.name", "method.reparam_kind", "fast.enabled")
+
+
+def run_record(cfg: DictConfig) -> dict[str, Any]:
+    """The settings :class:`RunRecord` keeps in checkpoints (plain values; pruning/ensemble as configured)."""
+    record: dict[str, Any] = {k: OmegaConf.select(cfg, k, default=None) for k in RUN_RECORD_KEYS}
+    record["fast.enabled"] = bool(record["fast.enabled"])
+    pruning = cfg.get("pruning") if enabled(cfg.get("pruning")) else None
+    record["pruning"] = (
+        None if pruning is None else f"{pruning._target_.rsplit('.', 1)[-1]}({pruning.get('mode')}, {pruning.sparsity})"
+    )
+    record["ensemble"] = cfg.ensemble._target_.rsplit(".", 1)[-1] if enabled(cfg.get("ensemble")) else None
+    return record
+
+
+def check_resume(cfg: DictConfig) -> None:
+    """Refuse, before any data is read, a ``ckpt_path`` saved by a run with other settings."""
+    path = cfg.get("ckpt_path")
+    if not path:
+        return
+    saved = read_run_record(path)
+    mismatches = record_mismatches(saved, run_record(cfg)) if saved is not None else []
+    if mismatches:
+        raise ConfigError(mismatch_message(f"ckpt_path={path}", mismatches))
 
 
 def _clock_seconds(trainer: pl.Trainer, fallback: float) -> float:
@@ -131,6 +163,7 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one configuration and return its summary (also written to ``summary.json``)."""
     validate_train_config(cfg, check_data=True)  # every key, eval.attacks included, before data loads
+    check_resume(cfg)
     run_dir = _run_dir(cfg)
     if rank_zero_only.rank == 0:  # DDP ranks > 0 (re-executed script) reuse rank 0's directory
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -177,11 +210,19 @@ def fit(trainer: pl.Trainer, module: pl.LightningModule, datamodule: Any, cfg: D
         raise torch.cuda.OutOfMemoryError(
             f"out of GPU memory with data.batch_size={bs} (validation: data.eval_batch_size={ebs}); lower "
             f"data.batch_size (e.g. data.batch_size={max(1, bs // 2)}) and resume with ckpt_path={last} "
-            f"if it exists. Original error: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
+            f"if it exists and was saved at an epoch end (a mid-epoch one resumes only with its own batch size). "
+            f"Original error: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
         ) from err
     except FloatingPointError as err:
         kept = f"the last good checkpoint is kept: {last}" if last.is_file() else "no checkpoint was written yet"
         raise FloatingPointError(f"training stopped: {err}\n{kept}") from err
+    except RuntimeError as err:
+        if cfg.get("ckpt_path") and "Error(s) in loading state_dict" in str(err):  # a checkpoint without a RunRecord
+            raise ConfigError(
+                f"ckpt_path={cfg.ckpt_path}: its weights do not fit the model this config builds (model, width, "
+                f"method / reparameterization): {str(err).splitlines()[0]}"
+            ) from err
+        raise
 
 
 def summarize(

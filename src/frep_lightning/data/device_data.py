@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from frep_lightning.data.augment import random_crop_flip, to_float
-from frep_lightning.data.resumable import mix_seed
+from frep_lightning.data.resumable import check_position, mix_seed
 
 
 class _EpochSetter:
@@ -137,12 +138,20 @@ class DeviceBatches:
             yield to_float(x), self.labels[idx]
 
     # ---- checkpointed state (Lightning saves it for stateful train loaders) -------------------
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": int(self.epoch), "batches": int(self.progress()) if self.progress is not None else 0}
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "epoch": int(self.epoch),
+            "batches": int(self.progress()) if self.progress is not None else 0,
+            **self.position_key(),
+        }
 
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+    def position_key(self) -> dict[str, Any]:
+        return {"order": "device", "batch_size": self.batch_size, "num_replicas": self.num_replicas}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         epoch, batches = int(state_dict["epoch"]), int(state_dict["batches"])
         if batches >= len(self) > 0:  # saved after the epoch's last batch: resume at the next one
             epoch, batches = epoch + 1, 0
+        check_position(state_dict, self.position_key(), epoch, batches)
         self.set_epoch(epoch)
         self.skip_batches = batches

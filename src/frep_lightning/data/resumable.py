@@ -42,6 +42,23 @@ def mix_seed(*values: int) -> int:
     return h & ((1 << 63) - 1)
 
 
+def check_position(saved: dict[str, Any], current: dict[str, Any], epoch: int, batches: int) -> None:
+    """A mid-epoch position counts batches of one size, on one number of ranks, in one shuffle order
+    (Lightning's progress counts them too): resumed with another, part of the epoch would be trained
+    twice or skipped. Refuse it, naming the keys; an epoch-end position may change all of them."""
+    differ = {k: (saved[k], v) for k, v in current.items() if k in saved and saved[k] != v}
+    if not batches or not differ:
+        return
+    names = {"order": "data.on_device (shuffle order)", "batch_size": "data.batch_size", "num_replicas": "ranks"}
+    what = ", ".join(f"{names.get(k, k)}: {a!r} -> {b!r}" for k, (a, b) in differ.items())
+    raise ValueError(
+        f"the checkpoint was saved mid-epoch (epoch {epoch}, after {batches} batch{'es' * (batches != 1)}) and "
+        f"this run changes {what}: "
+        "resume it with the saved values, or from a checkpoint saved at an epoch end "
+        "(checkpoint.every_n_train_steps=null), where these may change"
+    )
+
+
 class SeededPairs(Dataset):
     """Wraps (images, labels) so that a sampler key ``(index, batch_seed)`` returns
     ``(image, label, batch_seed)``; the collate function reads the seed of its batch from it."""
@@ -151,12 +168,21 @@ class ResumableLoader(DataLoader):
 
     def state_dict(self) -> dict[str, int]:
         sampler: EpochSeededSampler = self.sampler  # type: ignore[assignment]
-        return {"epoch": int(sampler.epoch), "batches": int(self.progress()) if self.progress is not None else 0}
+        return {
+            "epoch": int(sampler.epoch),
+            "batches": int(self.progress()) if self.progress is not None else 0,
+            **self.position_key(),
+        }
+
+    def position_key(self) -> dict[str, Any]:
+        sampler: EpochSeededSampler = self.sampler  # type: ignore[assignment]
+        return {"order": "epoch_seeded", "batch_size": sampler.batch_size, "num_replicas": int(sampler.num_replicas)}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         sampler: EpochSeededSampler = self.sampler  # type: ignore[assignment]
         epoch, batches = int(state_dict["epoch"]), int(state_dict["batches"])
         if batches >= sampler.batches_per_epoch:  # saved after the epoch's last batch: resume at the next one
             epoch, batches = epoch + 1, 0
+        check_position(state_dict, self.position_key(), epoch, batches)
         sampler.set_epoch(epoch)
         sampler.skip_batches = batches
