@@ -549,7 +549,9 @@ def test_frep_eval_on_the_lightning_checkpoint_matches_model_pt(tiny_run: tuple[
     run_dir, _ = tiny_run
     run_cfg = OmegaConf.load(run_dir / "config.yaml")
     plain = load_model(run_dir / "model.pt", run_cfg, run_cfg.model).state_dict()
-    merged = load_model(run_dir / "checkpoints" / "last.ckpt", run_cfg, run_cfg.model).state_dict()
+    notes: list[str] = []
+    merged = load_model(run_dir / "checkpoints" / "last.ckpt", run_cfg, run_cfg.model, notes).state_dict()
+    assert notes == []  # saved at the last epoch end: pruned, ensemble BN re-estimated
     assert plain.keys() == merged.keys()
     for k in plain:
         assert torch.equal(plain[k], merged[k]), k
@@ -639,3 +641,25 @@ def test_eval_speed_script_runs_on_cpu(capsys: pytest.CaptureFixture[str]) -> No
     text = capsys.readouterr().out
     assert "| fp32 | 8 |" in text and "| bf16 | 8 |" in text
     assert out["fp32_seconds"] > 0 and out["bf16_seconds"] > 0 and out["flips"] <= 8
+
+
+def test_a_checkpoint_unlike_the_export_is_flagged() -> None:
+    from frep_lightning.eval import checkpoint_notes
+
+    run_cfg = OmegaConf.create(
+        {"pruning": {"_target_": "frep_lightning.pruning.RobustPruning", "sparsity": 0.9, "epoch": 30}}
+    )
+    early = {
+        "global_step": 7,
+        "callbacks": {"RobustPruning": {"pruned": False}, "TemporalEnsemble": {"bn_fresh": False}},
+    }
+    notes = checkpoint_notes(early, run_cfg)
+    assert len(notes) == 2
+    assert (
+        "step 7) was saved before the run pruned (pruning.epoch=30, target 0.9): the model evaluated is dense"
+        in notes[0]
+    )
+    assert "BatchNorm statistics in this checkpoint (saved mid-epoch) predate its latest weights" in notes[1]
+    late = {"callbacks": {"RobustPruning{'sparsity': 0.9}": {"pruned": True}, "TemporalEnsemble": {"bn_fresh": True}}}
+    assert checkpoint_notes(late, run_cfg) == []
+    assert checkpoint_notes(early, OmegaConf.create({"pruning": None}))[0].startswith("the ensemble's BatchNorm")

@@ -61,6 +61,21 @@ class Recorder(pl.Callback):
     def __init__(self, log: dict[str, dict[int, Any]], kill_at: int | None = None) -> None:
         self.rec, self.kill_at = log, kill_at
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch > 0:
+            self.epoch_means(trainer, trainer.current_epoch - 1)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.epoch_means(trainer, trainer.current_epoch - 1)
+
+    def epoch_means(self, trainer: pl.Trainer, epoch: int) -> None:
+        """The logged means of a finished epoch (an epoch cut by a kill included)."""
+        metrics = trainer.callback_metrics
+        names = ("train/loss_epoch", "train/acc", "train/acc_adv")
+        means = {k: float(metrics[k]) for k in names if k in metrics}
+        if means:  # a run resumed at an epoch start has logged nothing yet
+            self.rec["epoch_means"][epoch] = means
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, idx: int) -> None:
         step = trainer.global_step
         if step == self.kill_at:
@@ -80,7 +95,7 @@ class Recorder(pl.Callback):
 
 
 def new_log() -> dict[str, dict[int, Any]]:
-    return {k: {} for k in ("batch", "rng", "lr", "where", "live", "ensemble")}
+    return {k: {} for k in ("batch", "rng", "lr", "where", "live", "ensemble", "epoch_means")}
 
 
 @pytest.fixture
@@ -159,27 +174,33 @@ KILLS = {
 
 
 @pytest.mark.usefixtures("deterministic")
+@pytest.mark.parametrize("path", ["plain", "fast"])
 def test_resume_from_any_point_equals_uninterrupted_run(
-    pack_root: Path, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    pack_root: Path, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str
 ) -> None:
+    """``fast``: FastFReP (manual optimization, its own step and running sums; eager on the CPU)."""
+    fast = ["fast.enabled=true"] if path == "fast" else []
+
+    def tiny(run_dir: Path, *extra: str) -> DictConfig:
+        return tiny_cfg(pack_root, cache_dir, run_dir, *fast, *extra)
+
     ref_log = new_log()
-    ref = run_with(tiny_cfg(pack_root, cache_dir, tmp_path / "ref"), monkeypatch, Recorder(ref_log))
+    ref = run_with(tiny(tmp_path / "ref"), monkeypatch, Recorder(ref_log))
     assert ref["global_steps"] == 6 and ref_log["lr"][5] == pytest.approx(0.01)
+    assert sorted(ref_log["epoch_means"]) == [0, 1, 2] and all(len(m) == 3 for m in ref_log["epoch_means"].values())
 
     log, ckpt, clock = new_log(), None, [0.0]
     for i, step in enumerate(KILLS):
         run_dir = tmp_path / f"part{i}"
         extra = [f"ckpt_path={ckpt}"] if ckpt else []
         with pytest.raises(Killed):
-            run_with(tiny_cfg(pack_root, cache_dir, run_dir, *extra), monkeypatch, Recorder(log, kill_at=step))
+            run_with(tiny(run_dir, *extra), monkeypatch, Recorder(log, kill_at=step))
         ckpt = run_dir / "checkpoints" / "last.ckpt"
         saved = torch.load(ckpt, weights_only=True)
         assert saved["global_step"] == step, KILLS[step]
         check_checkpoint_contents(saved, step)
         clock.append(saved["callbacks"]["TrainingClock"]["seconds"])
-    resumed = run_with(
-        tiny_cfg(pack_root, cache_dir, tmp_path / "final", f"ckpt_path={ckpt}"), monkeypatch, Recorder(log)
-    )
+    resumed = run_with(tiny(tmp_path / "final", f"ckpt_path={ckpt}"), monkeypatch, Recorder(log))
     # training time adds up across the segments (each checkpoint holds the time trained up to it)
     assert clock == sorted(clock) and clock[-1] > clock[1] > 0
     assert resumed["train_seconds_total"] > clock[-1] and resumed["train_seconds_total"] > resumed["train_seconds"]
@@ -203,7 +224,7 @@ def test_resume_from_any_point_equals_uninterrupted_run(
     # killed after the last checkpoint but before model.pt: resuming from a finished run's last.ckpt
     # trains 0 steps (Lightning skips the loop and on_train_end) and must still export the ensemble
     done = tmp_path / "final" / "checkpoints" / "last.ckpt"
-    again = run_with(tiny_cfg(pack_root, cache_dir, tmp_path / "again", f"ckpt_path={done}"), monkeypatch)
+    again = run_with(tiny(tmp_path / "again", f"ckpt_path={done}"), monkeypatch)
     exported = load_state_dict_file(tmp_path / "again" / "model.pt")
     assert exported.keys() == b["model.pt"].keys()
     assert all(torch.equal(exported[k], v) for k, v in b["model.pt"].items())
@@ -345,6 +366,24 @@ def test_shuffle_is_per_epoch_and_split_across_ranks() -> None:
     assert seeds[0] == seeds[1] != seeds[2]  # one augmentation seed per batch
     s0.skip_batches = 2
     assert [i for i, _ in s0] == e0[4:]
+
+
+def test_partial_writes_of_a_killed_save_are_cleaned_up(tmp_path: Path) -> None:
+    """A kill mid-write leaves a checkpoint-sized temp file: a resume into the same directory deletes it,
+    a resume into a new one names the files beside the resumed checkpoint (that run may still be writing)."""
+    run = tmp_path / "run"
+    fit_linear(run, [], kill_at=4)
+    stale = run / ".last.ckpt.0123456789ab.tmp"
+    stale.write_bytes(b"PK half a checkpoint")
+    other = run / ".model.pt.0123456789ab.tmp"  # not ours to judge
+    other.write_bytes(b"x")
+    fit_linear(run, [], ckpt=run / "last.ckpt")  # a requeued job: same directory
+    assert not stale.exists() and other.exists() and (run / "last.ckpt").is_file()
+
+    stale.write_bytes(b"PK half a checkpoint")
+    with pytest.warns(UserWarning, match=r"1 partial write\(s\) beside the resumed checkpoint"):
+        fit_linear(tmp_path / "new", [], ckpt=run / "last.ckpt")
+    assert stale.exists()
 
 
 # ---- atomic writes, finiteness, safe loading ------------------------------------------------------

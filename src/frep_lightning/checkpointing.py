@@ -39,6 +39,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import AsyncCheckpointIO
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from frep_lightning.checks import check_int
@@ -191,12 +192,47 @@ class LastCheckpoint(ModelCheckpoint):
     def path(self) -> Path:
         return Path(str(self.dirpath)) / "last.ckpt"
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if not trainer.is_global_zero:
+            return
+        self.remove_partial_writes()
+        resumed = Path(str(trainer.ckpt_path)) if trainer.ckpt_path else None
+        if resumed is not None and resumed.parent != self.path.parent:
+            left = sorted(resumed.parent.glob(f".{resumed.name}.*.tmp"))
+            if left:  # another run's directory: that run may still be writing, so say it, do not delete
+                rank_zero_warn(
+                    f"LastCheckpoint: {len(left)} partial write(s) beside the resumed checkpoint, left by an "
+                    f"interrupted save (each as big as a checkpoint; safe to delete once that run is over): {left}"
+                )
+
+    def remove_partial_writes(self) -> list[Path]:
+        """Delete the temp files of writes a kill interrupted in this run's directory (each as big as a
+        checkpoint; a resume into the same directory, e.g. a requeued job with a pinned hydra.run.dir).
+        The atomic rename means none of them was ever ``last.ckpt``, and no write is in flight at fit start."""
+        removed = sorted(self.path.parent.glob(f".{self.path.name}.*.tmp")) if self.path.parent.is_dir() else []
+        for tmp in removed:
+            tmp.unlink(missing_ok=True)
+        if removed:
+            rank_zero_info(f"LastCheckpoint: removed {len(removed)} partial write(s) of an interrupted run: {removed}")
+        return removed
+
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             return  # the epoch-end save records this state, after validation
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if pl_module.automatic_optimization:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        elif (
+            self.step_interval is not None
+            and trainer.global_step % self.step_interval == 0
+            and not self._should_skip_saving_checkpoint(trainer)
+        ):
+            # Manual optimization (the fast path): the state after the step is the one to save, as with
+            # automatic optimization, since a resume counts this batch as trained. Lightning's own branch
+            # for it warns about a "pre-optimization state" at every save; nothing is missing here.
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.step_interval is None:

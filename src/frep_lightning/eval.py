@@ -122,8 +122,29 @@ def merged_from_checkpoint(ckpt: Mapping[str, Any], run_cfg: DictConfig) -> dict
     return merged_state_dict(module.model)
 
 
-def load_model(path: Path, run_cfg: DictConfig | None, model_cfg: DictConfig) -> nn.Module:
-    """A fresh backbone (``model_cfg``) holding the weights of ``path`` (model.pt or Lightning .ckpt)."""
+def checkpoint_notes(ckpt: Mapping[str, Any], run_cfg: DictConfig) -> list[str]:
+    """What makes a training checkpoint's model differ from the run's exported one."""
+    states = {k.split("{")[0]: v for k, v in (ckpt.get("callbacks") or {}).items() if isinstance(v, Mapping)}
+    notes = []
+    pruning = states.get("RobustPruning", states.get("GradualPruning"))
+    if enabled(run_cfg.get("pruning")) and pruning is not None and not pruning.get("pruned", True):
+        notes.append(
+            f"this checkpoint (step {ckpt.get('global_step')}) was saved before the run pruned (pruning.epoch="
+            f"{run_cfg.pruning.get('epoch')}, target {run_cfg.pruning.get('sparsity')}): the model evaluated is dense"
+        )
+    if states.get("TemporalEnsemble", {}).get("bn_fresh") is False:
+        notes.append(
+            "the ensemble's BatchNorm statistics in this checkpoint (saved mid-epoch) predate its latest weights; the "
+            "export at fit end re-estimates them, so these numbers are not those of the final model"
+        )
+    return notes
+
+
+def load_model(
+    path: Path, run_cfg: DictConfig | None, model_cfg: DictConfig, notes: list[str] | None = None
+) -> nn.Module:
+    """A fresh backbone (``model_cfg``) holding the weights of ``path`` (model.pt or Lightning .ckpt);
+    ``notes`` gets what makes a training checkpoint's model differ from the exported one."""
     obj = load_file(path)
     if is_lightning_checkpoint(obj):
         if run_cfg is None or "method" not in run_cfg:
@@ -132,6 +153,8 @@ def load_model(path: Path, run_cfg: DictConfig | None, model_cfg: DictConfig) ->
                 "run's config.yaml (next to it or one directory up); evaluate the run's model.pt instead"
             )
         state = merged_from_checkpoint(obj, run_cfg)
+        if notes is not None:
+            notes.extend(checkpoint_notes(obj, run_cfg))
     else:
         if not obj or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()):
             raise _not_ours(path, "not a state_dict of tensors")
@@ -386,7 +409,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         data_cfg.augment = False
 
     device = _device(str(cfg.device))
-    model = load_model(model_file, run_cfg, model_cfg)
+    notes: list[str] = []
+    model = load_model(model_file, run_cfg, model_cfg, notes)
     compression = compression_report(model.state_dict(), prunable_layers(model, run_cfg))
 
     datamodule = instantiate(data_cfg)
@@ -410,6 +434,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     result = run_attacks(model, datamodule.test_dataloader(), attacks, device=device, seed=cfg.seed)
     if cfg.n_test is not None and result.n < cfg.n_test:
         result.warnings.insert(0, f"n_test={cfg.n_test} asked, but the test split has {result.n} images: all evaluated")
+    result.warnings[:0] = notes
     eps = parse_eps(cfg.eps, "eps")
     settings = {
         "eps": eps,

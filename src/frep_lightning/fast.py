@@ -54,7 +54,14 @@ from torch.nn.utils import parametrize
 
 from frep_lightning.attacks import PRECISIONS, SignGradientAttack
 from frep_lightning.checks import check_choice, check_int
-from frep_lightning.module import FReP
+from frep_lightning.module import (
+    SUM_CORRECT_ADV,
+    SUM_CORRECT_CLEAN,
+    SUM_COUNT,
+    SUM_LOSS,
+    SUM_NONFINITE,
+    FReP,
+)
 from frep_lightning.objectives import Objective
 from frep_lightning.reparam import Hadamard, Plain, factors, iter_masked
 
@@ -62,9 +69,6 @@ log = logging.getLogger("frep_lightning")
 
 CAPTURES = ("cuda_graph", "compile", "none")
 SGD_IMPLS = ("auto", "fused", "foreach")
-
-# index of each running sum in FastStep.sums
-_LOSS, _CORRECT_ADV, _CORRECT_CLEAN, _COUNT, _NONFINITE = range(5)
 
 
 def _check_compile_model(compile_model: bool, capture: str, cache_weights: bool) -> None:
@@ -444,12 +448,12 @@ class FastStep:
         with torch.no_grad():
             n = y.numel()
             loss = loss.detach().float()
-            self.sums[_LOSS].add_(loss * n)
-            self.sums[_CORRECT_ADV].add_((logits_adv.detach().argmax(dim=1) == y).sum())
+            self.sums[SUM_LOSS].add_(loss * n)
+            self.sums[SUM_CORRECT_ADV].add_((logits_adv.detach().argmax(dim=1) == y).sum())
             if reference is not None:
-                self.sums[_CORRECT_CLEAN].add_((reference.argmax(dim=1) == y).sum())
-            self.sums[_COUNT].add_(n)
-            self.sums[_NONFINITE].add_(torch.isfinite(loss).logical_not())
+                self.sums[SUM_CORRECT_CLEAN].add_((reference.argmax(dim=1) == y).sum())
+            self.sums[SUM_COUNT].add_(n)
+            self.sums[SUM_NONFINITE].add_(torch.isfinite(loss).logical_not())
 
     def __call__(self, x: Tensor, y: Tensor) -> None:
         """One training step on the batch ``(x, y)`` (already on the device)."""
@@ -671,6 +675,7 @@ class FastFReP(FReP):
                 while sched.last_epoch < self.current_epoch:
                     sched.step()
         rank_zero_info(f"fast path: {self.fast_step.describe()}")
+        self._restore_epoch_sums()  # into the step's own sums, which a captured graph writes in place
 
     def on_train_epoch_start(self) -> None:
         if self.fast_step is not None:
@@ -706,20 +711,14 @@ class FastFReP(FReP):
             if due_step or due_epoch:
                 config.scheduler.step()
 
-    def on_train_epoch_end(self) -> None:
-        """Log the epoch's means: the one host sync of the epoch."""
-        if self.fast_step is not None:
-            metrics = self.fast_step.read_metrics()
-            if metrics["nonfinite"] > 0:
-                raise FloatingPointError(
-                    f"non-finite training loss in {int(metrics['nonfinite'])} step(s) of epoch {self.current_epoch}; "
-                    "lower optim.lr or check the data"
-                )
-            if metrics["count"] > 0:
-                self.log("train/loss", metrics["loss"], on_epoch=True, prog_bar=True)
-                self.log("train/acc_adv", metrics["acc_adv"], on_epoch=True)
-                if self.objective.uses_clean:
-                    self.log("train/acc", metrics["acc"], on_epoch=True, prog_bar=True)
+    def _sums_if_any(self) -> Tensor | None:
+        """The captured step writes its sums in place: the module's epoch means read them there."""
+        return self.fast_step.sums if self.fast_step is not None else None
+
+    def training_sums(self) -> Tensor:
+        if self.fast_step is None:
+            raise RuntimeError("FastFReP.training_sums outside trainer.fit (on_train_start builds the step)")
+        return self.fast_step.sums
 
 
 def iter_fast_options(cfg: Any) -> Iterator[tuple[str, Any]]:

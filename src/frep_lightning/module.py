@@ -20,6 +20,11 @@ from frep_lightning.checks import check_choice, check_int
 from frep_lightning.objectives import SRE, Objective, accuracy
 from frep_lightning.reparam import reparameterize_
 
+# The training epoch's running sums, on the device (no host sync per step), in this layout; the fast
+# path's FastStep.sums uses it too. Checkpoints carry them, so a mid-epoch resume logs the same means.
+SUM_LOSS, SUM_CORRECT_ADV, SUM_CORRECT_CLEAN, SUM_COUNT, SUM_NONFINITE = range(5)
+EPOCH_SUMS_KEY = "frep_epoch_sums"
+
 
 class FReP(pl.LightningModule):
     """Robust sparse training of ``model`` (a classifier taking [0, 1] images).
@@ -67,6 +72,8 @@ class FReP(pl.LightningModule):
         check_choice("val_attack_precision", val_attack_precision, PRECISIONS)
         self.save_hyperparameters(ignore=["model", "objective", "attack"])
         self.model = reparameterize_(model, kind=reparam_kind, init=reparam_init, seed=seed)
+        self._train_sums: Tensor | None = None
+        self._resumed_sums: dict[str, Any] | None = None
         self.objective = objective if objective is not None else SRE()
         self.attack = attack if attack is not None else SignGradientAttack(eps="8/255", steps=1, random_start=True)
         self.val_attack = PGD(eps=self.attack.eps, steps=val_attack_steps) if val_attack_steps else None
@@ -85,11 +92,70 @@ class FReP(pl.LightningModule):
             raise FloatingPointError(
                 f"non-finite training loss ({loss.item()}) at step {self.global_step}; lower optim.lr or check the data"
             )
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train/acc_adv", accuracy(logits_adv.detach(), y), on_step=False, on_epoch=True)
-        if logits_clean is not None:
-            self.log("train/acc", accuracy(reference, y), on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
+        with torch.no_grad():
+            sums = self.training_sums()
+            sums[SUM_LOSS] += loss.detach() * y.numel()
+            sums[SUM_CORRECT_ADV] += (logits_adv.argmax(dim=1) == y).sum()
+            if reference is not None:
+                sums[SUM_CORRECT_CLEAN] += (reference.argmax(dim=1) == y).sum()
+            sums[SUM_COUNT] += y.numel()
         return loss
+
+    # ---- the training epoch's means ---------------------------------------------------------
+    def training_sums(self) -> Tensor:
+        """This rank's running sums of the epoch (``SUM_*`` layout), made on the module's device."""
+        if self._train_sums is None or self._train_sums.device != self.device:
+            self._train_sums = torch.zeros(5, device=self.device)
+        return self._train_sums
+
+    def _sums_if_any(self) -> Tensor | None:
+        return self._train_sums
+
+    def _global_sums(self, sums: Tensor) -> Tensor:
+        """Summed over DDP ranks (a collective: every rank calls it at the same point)."""
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1:
+            return trainer.strategy.reduce(sums.clone(), reduce_op="sum")
+        return sums.clone()
+
+    def on_train_start(self) -> None:
+        self._restore_epoch_sums()
+
+    def _restore_epoch_sums(self) -> None:
+        """A checkpoint saved mid-epoch carries the epoch's sums so far (over all ranks: rank 0 takes
+        them, the others start from 0); one saved at an epoch end belongs to a finished epoch."""
+        saved, self._resumed_sums = self._resumed_sums, None
+        if saved is None or int(saved["epoch"]) != self.current_epoch or self.global_rank != 0:
+            return
+        sums = self.training_sums()
+        sums.copy_(saved["sums"].to(device=sums.device, dtype=sums.dtype))
+
+    def on_train_epoch_end(self) -> None:
+        """Log the epoch's means over all ranks: one host sync per epoch."""
+        sums = self._sums_if_any()
+        if sums is None:
+            return
+        loss, adv, clean, count, nonfinite = self._global_sums(sums).tolist()
+        sums.zero_()
+        if nonfinite > 0:
+            raise FloatingPointError(
+                f"non-finite training loss in {int(nonfinite)} step(s) of epoch {self.current_epoch}; "
+                "lower optim.lr or check the data"
+            )
+        if count > 0:
+            self.log("train/loss_epoch", loss / count, prog_bar=True)
+            self.log("train/acc_adv", adv / count)
+            if self.objective.uses_clean:
+                self.log("train/acc", clean / count, prog_bar=True)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        sums = self._sums_if_any()
+        if sums is not None:
+            checkpoint[EPOCH_SUMS_KEY] = {"epoch": self.current_epoch, "sums": self._global_sums(sums).cpu()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._resumed_sums = checkpoint.get(EPOCH_SUMS_KEY)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         x, y = batch
