@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -121,11 +122,32 @@ def test_missing_data_names_the_root(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_smoke_experiment_end_to_end(pack_root: Path, cache_dir: Path, tmp_path: Path) -> None:
-    cfg = cfg_for("experiment=smoke", f"data.root={pack_root}", f"data.cache_dir={cache_dir}", "logger=csv")
+def test_smoke_experiment_end_to_end(
+    pack_root: Path, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import frep_lightning.train as train_module
+
+    seen: dict[str, Any] = {}
+    real = train_module.evaluate
+
+    def spy(model: Any, loader: Any, attacks: Any, **kwargs: Any) -> Any:  # the fit-end evaluation's inputs
+        seen.update(batch_size=loader.batch_size, restarts=attacks["pgd10"].restarts)
+        return real(model, loader, attacks, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate", spy)
+    cfg = cfg_for(
+        "experiment=smoke",
+        f"data.root={pack_root}",
+        f"data.cache_dir={cache_dir}",
+        "logger=csv",
+        "eval.batch_size=64",
+        "eval.restarts=2",
+    )
     with open_dict(cfg):
         cfg.run_dir = str(tmp_path / "run")
     summary = run(cfg)
+    assert seen == {"batch_size": 64, "restarts": 2}  # eval.* keys, not data.eval_batch_size (validation)
+    assert summary["pgd_restarts"] == 2
     run_dir = tmp_path / "run"
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk == summary

@@ -73,6 +73,8 @@ BAD = [
     ("method.attack.eps", "8/0", "must be a number in (0, 1] or a fraction like 8/255"),
     ("method.attack.eps", 8, "must be a number in (0, 1] or a fraction like 8/255"),
     ("eval.eps", -0.1, "must be a number in (0, 1] or a fraction like 8/255"),
+    ("eval.restarts", 0, "must be an integer > 0"),
+    ("eval.queries", 0, "must be an integer > 0"),
     ("method.attack.steps", 0, "must be an integer > 0"),
     ("method.reparam_kind", "lowrank", "allowed values: hadamard, channel, none"),
     ("method.reparam_init", "zeros", "allowed values: random, equal, ones"),

@@ -254,6 +254,8 @@ RULES: list[Rule] = [
     _rule("eval.pgd_steps", _int_at_least(1), _POS_INT),
     _rule("eval.n_test", _int_at_least(1), _POS_INT + " or null (null: the whole test split)", nullable=True),
     _rule("eval.batch_size", _int_at_least(1), _POS_INT),
+    _rule("eval.restarts", _int_at_least(1), _POS_INT),
+    _rule("eval.queries", _int_at_least(1), _POS_INT),
     _rule("monitor.n_images", _int_at_least(1), _POS_INT, group="monitor"),
     _rule("monitor.steps", _int_at_least(1), _POS_INT, group="monitor"),
     _rule("monitor.collapse_ratio", _between(0, 1, True, True), "must be in (0, 1)", group="monitor"),

@@ -40,7 +40,7 @@ from frep_lightning.checkpointing import (
     record_mismatches,
 )
 from frep_lightning.config import ConfigError, config_dir, enabled, num_classes, validate_train_config
-from frep_lightning.evaluate import config_attacks, evaluate
+from frep_lightning.evaluate import WhiteBoxAttack, config_attacks, evaluate
 from frep_lightning.export import MergeReparameterization, load_state_dict_file, write_json
 from frep_lightning.fast import FastFReP, iter_fast_options
 from frep_lightning.module import FReP
@@ -236,10 +236,13 @@ def summarize(
     eps = parse_eps(cfg.eval.eps, "eval.eps")
     steps = int(cfg.eval.pgd_steps)
     attack = PGD(eps=eps, steps=steps, step_size=cfg.eval.step_size)
+    restarts = int(cfg.eval.get("restarts", 1))
     start = time.perf_counter()
     extra = config_attacks(cfg.eval, cfg.seed)  # eval.attacks, e.g. [pgd50,aa]
-    attacks = {f"pgd{steps}": attack, **extra}
-    result = evaluate(model, datamodule.test_dataloader(), attacks, device=device, seed=cfg.seed)
+    # the summary's PGD gets eval.restarts too (an example is robust only if it survives every restart)
+    attacks = {f"pgd{steps}": WhiteBoxAttack(attack, f"pgd{steps}", restarts=restarts), **extra}
+    loader = datamodule.test_dataloader(batch_size=int(cfg.eval.batch_size))
+    result = evaluate(model, loader, attacks, device=device, seed=cfg.seed)
     eval_seconds = time.perf_counter() - start
     state = model.state_dict()
     report = sparsity_report({k: state[k] for k in _prunable_keys(trainer, export)})
@@ -261,6 +264,7 @@ def summarize(
         "worst_case_acc": result["worst_case"],  # per example, over every attack above
         "pgd_steps": steps,
         "pgd_step_size": attack.step_size,
+        "pgd_restarts": restarts,
         "eps": eps,
         "n_test": result["n"],
         "epochs": trainer.current_epoch,

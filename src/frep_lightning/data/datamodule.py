@@ -358,9 +358,12 @@ class ImageClassificationData(pl.LightningDataModule):
         """A fixed class-balanced subset (n_val) of the test split, for per-epoch validation."""
         return self._loader(self._test_subset(self.n_val), self.eval_batch_size, train=False, persistent=True)
 
-    def test_dataloader(self) -> DataLoader:
-        """A fixed class-balanced subset (n_test, null = all) of the test split, for final evaluation."""
-        return self._loader(self._test_subset(self.n_test), self.eval_batch_size, train=False)
+    def test_dataloader(self, batch_size: int | None = None) -> DataLoader:
+        """A fixed class-balanced subset (n_test, null = all) of the test split, for final evaluation
+        (in batches of ``batch_size``, default ``eval_batch_size``: the fit-end eval has its own key)."""
+        if batch_size is not None:
+            _positive_int("eval_batch_size", batch_size)
+        return self._loader(self._test_subset(self.n_test), batch_size or self.eval_batch_size, train=False)
 
     def train_subset_loader(self, n: int, batch_size: int) -> DataLoader:
         """A fixed, unaugmented, class-balanced set of n training images in a fixed order: watching
