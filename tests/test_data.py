@@ -404,3 +404,42 @@ def test_small_subset_keeps_last_batch_and_no_augment(pack_root: Path, cache_dir
     assert x.shape == (20, 3, 32, 32) and len(y) == 20  # fewer than batch_size: not dropped
     raw = to_float(dm._train[0])
     assert all(any(torch.equal(x[i], raw[j]) for j in range(20)) for i in range(20))
+
+
+def test_torchvision_failures_name_the_config_keys(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision says "use download=True" and names no path; ours names data.root / data.download."""
+    (tmp_path / "cifar-10-batches-py").mkdir()  # extracted folder present, files missing
+    dm = ImageClassificationData(root=str(tmp_path), n_train=None, n_val=None)
+    assert dm.check_available() == "torchvision"
+    with pytest.raises(FileNotFoundError, match=rf"data\.root='{tmp_path}': torchvision's cifar10 files there are"):
+        dm.setup("fit")
+
+    import urllib.error
+
+    import torchvision.datasets.cifar as tv_cifar
+
+    def offline(self: object) -> None:
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(tv_cifar.CIFAR10, "download", offline)
+    dm = ImageClassificationData(root=str(tmp_path / "new"), download=True, n_train=None, n_val=None)
+    with pytest.raises(FileNotFoundError, match=r"data\.download=true: fetching cifar10 into data\.root=.*failed"):
+        dm.prepare_data()
+
+
+def test_a_small_set_under_ddp_still_gives_each_rank_a_batch(pack_root: Path) -> None:
+    """24 images, batches of 16, 2 ranks: 12 per rank, so the incomplete batch is kept (not 0 batches)."""
+    from types import SimpleNamespace
+
+    for loader_on_device in (False, True):
+        dm = ImageClassificationData(root=str(pack_root), n_train=24, batch_size=16, on_device=loader_on_device)
+        progress = SimpleNamespace(
+            epoch_progress=SimpleNamespace(current=SimpleNamespace(processed=0)),
+            epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=SimpleNamespace(ready=0))),
+        )
+        dm.trainer = SimpleNamespace(
+            world_size=2, global_rank=1, strategy=SimpleNamespace(root_device=torch.device("cpu")), fit_loop=progress
+        )
+        dm.setup("fit")
+        batches = [y for _, y in dm.train_dataloader()]
+        assert [len(y) for y in batches] == [12], loader_on_device

@@ -205,3 +205,21 @@ def test_fast_path_end_to_end_through_the_config(pack_root: Path, cache_dir: Pat
     assert "2 streams" not in summary["train_step"]  # CPU: one stream
     assert summary["sparsity"] == pytest.approx(0.9, abs=1e-4) and summary["global_steps"] == 12
     assert 0.0 <= summary["pgd_acc"] <= summary["clean_acc"] <= 1.0
+
+
+def test_a_run_that_trains_no_step_fails_instead_of_exporting(pack_root: Path, cache_dir: Path, tmp_path: Path) -> None:
+    cfg = cfg_for(
+        "experiment=smoke",
+        f"data.root={pack_root}",
+        f"data.cache_dir={cache_dir}",
+        "logger=none",
+        "+trainer.limit_train_batches=0",
+    )
+    with open_dict(cfg):
+        cfg.run_dir = str(tmp_path / "run")
+    with (
+        pytest.warns(UserWarning, match="TemporalEnsemble made no update"),
+        pytest.raises(RuntimeError, match=r"training made no optimizer step .*the exported model is untrained"),
+    ):
+        run(cfg)
+    assert not (tmp_path / "run" / "summary.json").exists()

@@ -188,6 +188,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     start = time.perf_counter()
     fit(trainer, module, datamodule, cfg, run_dir)
     train_seconds = time.perf_counter() - start
+    if trainer.global_step == 0:
+        raise RuntimeError(
+            f"training made no optimizer step (trainer.num_training_batches={trainer.num_training_batches}, "
+            f"data.batch_size={cfg.data.batch_size}, data.n_train={cfg.data.get('n_train')}, "
+            f"{trainer.world_size} rank(s)): the exported model is untrained; give more images or smaller batches"
+        )
     if export.path is None:
         raise RuntimeError("training ended before the merged model was exported (interrupted?)")
 

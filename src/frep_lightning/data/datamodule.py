@@ -11,6 +11,7 @@ Validation and final test use fixed class-balanced subsets of the test split.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -213,6 +214,27 @@ class ImageClassificationData(pl.LightningDataModule):
 
     # ---- loading ----------------------------------------------------------------------------
     def _load_torchvision(self, train: bool) -> tuple[Tensor, Tensor, list[str]]:
+        """torchvision's dataset class, its failures said in this project's keys (its own messages name
+        ``download=True`` and no path)."""
+        try:
+            return self._read_torchvision(train)
+        except ImportError as err:  # SVHN's .mat files need scipy
+            need = err.name or str(err)
+            raise ImportError(f"data={self.name} in torchvision's format needs {need}: pip install {need}") from err
+        except (OSError, RuntimeError) as err:
+            if self.download:
+                raise FileNotFoundError(
+                    f"data.download=true: fetching {self.name} into data.root={str(self.root)!r} failed ({err}). "
+                    "Without a network, set data.root to the offline pack (a directory holding "
+                    f"{self.name}/train.npz) or to torchvision's extracted files, with data.download=false"
+                ) from err
+            raise FileNotFoundError(
+                f"data.root={str(self.root)!r}: torchvision's {self.name} files there are incomplete or damaged "
+                f"({err}); re-extract them, or set data.download=true where a network exists, or use the offline "
+                f"pack ({self.name}/train.npz)"
+            ) from err
+
+    def _read_torchvision(self, train: bool) -> tuple[Tensor, Tensor, list[str]]:
         import torchvision
 
         root = str(self.root)
@@ -274,7 +296,7 @@ class ImageClassificationData(pl.LightningDataModule):
                 SeededPairs(*data),
                 batch_size,
                 self.seed,
-                drop_last=len(data[1]) >= batch_size,
+                drop_last=self._full_batch(len(data[1]), batch_size),
                 **self._replica(),
             )
             return ResumableLoader(
@@ -307,6 +329,11 @@ class ImageClassificationData(pl.LightningDataModule):
             if trainer is None
             else {"num_replicas": trainer.world_size, "rank": trainer.global_rank}
         )
+
+    def _full_batch(self, n: int, batch_size: int) -> bool:
+        """Drop the last incomplete batch only if this rank's share (DDP splits the set) holds a full one:
+        otherwise a small set would give no batch at all."""
+        return math.ceil(n / self._replica()["num_replicas"]) >= batch_size
 
     def _next_epoch(self) -> int:
         """The epoch the trainer runs next (what Lightning passes to ``set_epoch``)."""
@@ -347,7 +374,7 @@ class ImageClassificationData(pl.LightningDataModule):
             augment=self.augment,
             flip=self.flip,
             padding=CROP_PADDING,
-            drop_last=len(labels) >= self.batch_size,
+            drop_last=self._full_batch(len(labels), self.batch_size),
             seed=self.seed,
             **self._replica(),
             device=device,
