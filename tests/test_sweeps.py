@@ -307,12 +307,27 @@ def test_joblib_sweep_never_shares_a_gpu(tmp_path: Path) -> None:
 
 
 # -- W&B -------------------------------------------------------------------------------------
-def test_wandb_mode_never_prompts(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+def test_wandb_mode_never_prompts_nor_hangs(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import socket
+    import time
+
+    for key in ("WANDB_MODE", "WANDB_API_KEY", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(key, raising=False)
     assert sweep.wandb_mode() == "offline"
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    assert sweep.wandb_mode() == "online"
+    with socket.socket() as server:  # a W&B server that answers
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert sweep.wandb_mode() == "online"
+    # a key but no server (no network): offline at once, said loudly, instead of W&B's 2-minute wait and crash
+    start = time.perf_counter()
+    with caplog.at_level("WARNING", logger="frep_lightning"):
+        assert sweep.wandb_mode(timeout=2.0) == "offline"
+    assert time.perf_counter() - start < 3.0
+    assert "does not answer" in caplog.text and "logging OFFLINE" in caplog.text and "wandb sync" in caplog.text
+    monkeypatch.setenv("HTTPS_PROXY", "proxy.example:3128")
+    assert sweep._wandb_endpoint() == ("proxy.example", 3128)  # the client goes through the proxy
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert sweep.wandb_mode() == "disabled"
 

@@ -225,12 +225,47 @@ def sweep_jobs(devices: Any = "auto", devices_per_job: int = 1, jobs_per_device:
 
 
 # -- W&B ---------------------------------------------------------------------------------
-def wandb_mode() -> str:
-    """``WANDB_MODE`` when set; else ``online`` with ``WANDB_API_KEY``, ``offline`` without (no prompt)."""
+def wandb_mode(timeout: float = 5.0) -> str:
+    """``WANDB_MODE`` when set; else ``online`` with ``WANDB_API_KEY`` if the W&B server answers within
+    ``timeout`` seconds, ``offline`` otherwise (no prompt; W&B itself would wait ~2 min, then fail)."""
     mode = os.environ.get("WANDB_MODE")
     if mode:
         return mode
-    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    if not os.environ.get("WANDB_API_KEY"):
+        return "offline"
+    host, port = _wandb_endpoint()
+    if _reachable(host, port, timeout):
+        return "online"
+    log.warning(
+        "W&B: WANDB_API_KEY is set but %s:%d does not answer within %.0f s: logging OFFLINE to the run "
+        "directory (upload later with `wandb sync <run dir>/wandb/offline-run-*`; WANDB_MODE=online forces it)",
+        host,
+        port,
+        timeout,
+    )
+    return "offline"
+
+
+def _wandb_endpoint() -> tuple[str, int]:
+    """Where the W&B client connects first: the HTTPS proxy if one is set, else the server."""
+    from urllib.parse import urlsplit
+
+    for key in ("HTTPS_PROXY", "https_proxy"):
+        if os.environ.get(key):
+            url = urlsplit(os.environ[key] if "://" in os.environ[key] else f"http://{os.environ[key]}")
+            return url.hostname or "", url.port or 80
+    url = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    return url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+
+
+def _reachable(host: str, port: int, timeout: float) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def sweep_group() -> str | None:
