@@ -21,7 +21,7 @@ install: $(STAMP) ## create .venv (if missing) and install the package with dev 
 train: $(STAMP) ## run the default experiment (small, CPU, offline CIFAR-10 pack); ARGS="..." adds Hydra overrides
 	$(BIN)/frep-train $(ARGS)
 
-smoke: $(STAMP) ## the <3-minute CPU smoke experiment
+smoke: $(STAMP) ## the <1-minute CPU smoke experiment (about 20 s on 2 cores)
 	$(BIN)/frep-train experiment=smoke $(ARGS)
 
 bench: $(STAMP) ## step times eager vs fast (experiments/bench.py; reduced without a GPU); ARGS="..." adds options
