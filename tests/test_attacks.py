@@ -15,6 +15,7 @@ from frep_lightning.attacks import (
     SignGradientAttack,
     check_adversarial,
     cross_entropy_loss,
+    eval_mode,
     frozen_bn_stats,
     parse_eps,
 )
@@ -34,6 +35,39 @@ def test_parse_eps() -> None:
     for bad in ("abc", 0, -0.1, 2.0, "1/0"):
         with pytest.raises(ValueError, match="attack.eps"):
             parse_eps(bad)
+
+
+def test_parse_eps_takes_decimal_fractions_and_spaces() -> None:
+    """ "2.5/255" (a half-step eps) and "8 / 255" are what people type; each is the exactly rounded
+    quotient, the float Python gives for the same literal division."""
+    assert parse_eps("2.5/255") == 2.5 / 255
+    assert parse_eps("0.5/255") == 0.5 / 255
+    assert parse_eps("8 / 255") == 8 / 255
+    assert parse_eps(" 2.5 /255 ") == 2.5 / 255
+    assert parse_eps("16/255.0") == 16 / 255
+    assert parse_eps("0.25") == 0.25 and parse_eps("1/1") == 1.0
+    assert parse_eps("0.3/3") == 0.1  # exact decimals: not 0.3 / 3 == 0.09999999999999999 of binary floats
+    for bad in ("2.5/0", "8/0.0", "a/255", "8/", "/255", "8/255/2", "8//255", "nan/255", "8/inf", None):
+        with pytest.raises(ValueError, match=r"^eps=.* is not a number or a fraction like 8/255"):
+            parse_eps(bad, "eps")
+    for out in ("300/255", "-2.5/255", "0/255", "1.5"):
+        with pytest.raises(ValueError, match=r"^eval\.eps=.* must be in \(0, 1\]"):
+            parse_eps(out, "eval.eps")
+    attack = PGD(eps="2.5 / 255", steps=2, step_size="0.5/255")
+    assert attack.eps == 2.5 / 255 and attack.step_size == 0.5 / 255
+
+
+def test_eval_mode_restores_every_submodules_own_mode() -> None:
+    net = bn_net().train()
+    net[1].eval()  # a BatchNorm its owner keeps frozen inside a training model
+    with eval_mode(net):
+        assert not any(m.training for m in net.modules())
+    assert net.training and net[0].training and not net[1].training and net[4].training
+    net.eval()
+    with pytest.raises(KeyError), eval_mode(net):
+        net.train()
+        raise KeyError("restored on the way out of an error too")
+    assert not any(m.training for m in net.modules())
 
 
 @pytest.mark.parametrize(

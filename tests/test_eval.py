@@ -11,6 +11,7 @@ papers (Madry et al. 2018; Dong et al. 2018, as torchattacks implements them) in
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import logging
@@ -301,14 +302,59 @@ def test_attacks_run_in_eval_mode_and_leave_batchnorm_statistics_alone(
         names = ["fgsm", "pgd5", "mim5", "square", "aa"]
         attacks = build_attacks(names, eps=EPS, queries=20, aa_version="custom", aa_components=["apgd-ce"])
         run_attacks(model, [(xt[:16], yt[:16])], attacks)
+        assert model.training  # handed back in the caller's mode
     finally:
         for h in hooks:
             h.remove()
+        model.eval()  # the module-scoped fixture stays in eval mode for the other tests
     assert len(modes) > 100 and not any(modes)
     after = model.state_dict()
     for k, v in before.items():
         assert torch.equal(v, after[k]), k
     assert all(p.requires_grad for p in model.parameters())  # frozen only during the evaluation
+
+
+def test_evaluation_hands_the_model_back_in_the_callers_mode(cnn: tuple[nn.Module, Tensor, Tensor]) -> None:
+    """run_attacks / evaluate switch to eval mode for the evaluation only: a model passed in training
+    mode (frep-train's, a notebook's) comes back training, one in eval mode stays so, a mixed one (a
+    BatchNorm kept in eval mode by its owner) gets every submodule's own mode back, and no running
+    statistic moved."""
+    trained, xt, yt = cnn
+    model = copy.deepcopy(trained)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    seen: list[bool] = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(m.training)) for m in bns]
+    attacks = build_attacks(["fgsm", "pgd3"], eps=EPS)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [(xt[:16], yt[:16])]
+
+    model.train()
+    run_attacks(model, batches, attacks)
+    assert all(m.training for m in model.modules())
+    evaluate(model, batches, attacks)
+    assert all(m.training for m in model.modules())
+
+    model.eval()
+    run_attacks(model, batches, attacks)
+    assert not any(m.training for m in model.modules())
+
+    model.train()
+    bns[0].eval()  # frozen by its owner: must not come back in training mode
+    modes = {name: m.training for name, m in model.named_modules()}
+    run_attacks(model, batches, attacks)
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    assert not bns[0].training and bns[1].training and model.training
+
+    for h in hooks:
+        h.remove()
+    assert len(seen) > 20 and not any(seen)  # every forward of the evaluation ran in eval mode
+    after = model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), k  # running_mean / running_var / num_batches_tracked untouched
+    with torch.no_grad():
+        model(xt[:16])  # the caller's training forward: its BatchNorm in training mode updates, the frozen one not
+    assert torch.equal(bns[0].running_mean, before["features.1.running_mean"])
+    assert not torch.equal(bns[1].running_mean, before["features.4.running_mean"])
 
 
 class _Cheater(EvalAttack):
@@ -604,6 +650,117 @@ def test_frep_eval_refuses_files_that_are_not_ours(tiny_run: tuple[Path, dict], 
         )
     )
     assert report["n"] == 10 and report["config_path"] is None
+
+
+def test_a_single_attack_name_is_refused_naming_the_key(tmp_path: Path) -> None:
+    """``attacks=pgd50`` (no brackets) is a string: refused as such, not read letter by letter as
+    five unknown attacks; frep-train names its key eval.attacks."""
+    from frep_lightning.config import validate_train_config
+
+    missing = tmp_path / "nothing-here"
+    msg = r"^attacks='pgd50' must be a list of attack names, e\.g\. attacks=\[pgd50\]$"
+    with pytest.raises(ConfigError, match=msg):
+        validate_eval_config(_eval_cfg(f"ckpt={missing}", "attacks=pgd50"))
+    with pytest.raises(ConfigError, match=msg):
+        run(_eval_cfg(f"ckpt={missing}", "attacks=pgd50"))  # before the (missing) file is looked for
+    with pytest.raises(
+        ValueError, match=r"^eval\.attacks='aa' must be a list of attack names, e\.g\. eval\.attacks=\[aa\]$"
+    ):
+        config_attacks({"attacks": "aa"})
+    with pytest.raises(ConfigError, match=r"eval\.attacks='pgd50' must be a list of attack names"):
+        validate_train_config(_train_cfg("eval.attacks=pgd50"))
+    with pytest.raises(ConfigError, match=r"^attacks=7 must be a list of attack names"):
+        validate_eval_config(_eval_cfg(f"ckpt={missing}", "attacks=7"))
+    assert config_attacks({"attacks": None}) == {} and config_attacks({"attacks": []}) == {}
+    assert list(config_attacks({"attacks": ["pgd5", "fgsm"]})) == ["pgd5", "fgsm"]
+    validate_eval_config(_eval_cfg(f"ckpt={missing}", "attacks=[pgd50]"))
+
+
+def test_device_cuda_without_cuda_is_a_config_error_before_any_file_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = str(tmp_path / "nothing-here")  # reading it would be a FileNotFoundError, not a ConfigError
+    if not torch.cuda.is_available():  # this machine as it is
+        with pytest.raises(
+            ConfigError, match=r"^device='cuda' but CUDA is not available on this machine; use device=cpu"
+        ):
+            run(_eval_cfg(f"ckpt={missing}", "device=cuda"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:0", "cuda:1"):
+        with pytest.raises(ConfigError, match=f"^device='{device}' but CUDA is not available on this machine"):
+            run(_eval_cfg(f"ckpt={missing}", f"device={device}"))
+    with pytest.raises(ConfigError, match=r"device='gpu' is not a torch device"):
+        validate_eval_config(_eval_cfg(f"ckpt={missing}", "device=gpu"))
+    for device in ("cpu", "auto"):
+        validate_eval_config(_eval_cfg(f"ckpt={missing}", f"device={device}"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for device in ("cuda", "cuda:0", "cuda:1"):
+        validate_eval_config(_eval_cfg(f"ckpt={missing}", f"device={device}"))
+    with pytest.raises(ConfigError, match=r"^device='cuda:2' but this machine has 2 CUDA device\(s\): cuda:0, cuda:1$"):
+        run(_eval_cfg(f"ckpt={missing}", "device=cuda:2"))
+
+
+def _evaluated_images(monkeypatch: pytest.MonkeyPatch, cfg) -> tuple[dict, Tensor, Tensor]:
+    """frep-eval's report and the test images (with labels) it actually evaluated."""
+    import frep_lightning.eval as eval_app
+
+    seen: list[tuple[Tensor, Tensor]] = []
+
+    def spy(model, batches, attacks, **kwargs):
+        batches = list(batches)
+        seen.extend(batches)
+        return run_attacks(model, batches, attacks, **kwargs)
+
+    monkeypatch.setattr(eval_app, "run_attacks", spy)
+    report = run(cfg)
+    return report, torch.cat([x for x, _ in seen]), torch.cat([y for _, y in seen])
+
+
+def _subset(data_cfg, n: int, seed: int) -> tuple[Tensor, Tensor]:
+    """The test images the datamodule (as frep-train's fit-end evaluation builds it) gives for ``seed``."""
+    from hydra.utils import instantiate
+
+    node = OmegaConf.create(OmegaConf.to_container(data_cfg, resolve=True))
+    node.n_test, node.seed, node.augment = n, seed, False
+    datamodule = instantiate(node)
+    datamodule.setup("test")
+    batches = list(datamodule.test_dataloader())
+    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
+
+def test_frep_eval_tests_the_runs_own_subset(
+    tiny_run: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """n_test=N picks the class-balanced subset with the run's data.seed, the one its summary.json was
+    evaluated on; ``seed`` (attacks) does not move it. Without a run config, ``seed`` picks it."""
+    run_dir, _ = tiny_run
+    seeded = tmp_path / "run-seed-1"
+    seeded.mkdir()
+    (seeded / "model.pt").write_bytes((run_dir / "model.pt").read_bytes())
+    run_cfg = OmegaConf.load(run_dir / "config.yaml")
+    run_cfg.seed, run_cfg.data.seed = 1, 1  # what frep-train seed=1 saves (data.seed: ${seed}, resolved)
+    OmegaConf.save(run_cfg, seeded / "config.yaml")
+    x1, y1 = _subset(run_cfg.data, 20, seed=1)
+    x0, _ = _subset(run_cfg.data, 20, seed=0)
+    assert not torch.equal(x0, x1)  # the seeds pick different images here, so the check below means something
+
+    report, x, y = _evaluated_images(monkeypatch, _eval_cfg(f"ckpt={seeded}", "attacks=[clean]", "n_test=20"))
+    assert torch.equal(x, x1) and torch.equal(y, y1)
+    assert report["subset_seed"] == 1 and report["seed"] == 0
+    assert json.loads((seeded / "eval.json").read_text())["subset_seed"] == 1
+    report, x, _ = _evaluated_images(
+        monkeypatch, _eval_cfg(f"ckpt={seeded}", "attacks=[clean]", "n_test=20", "seed=5", "logger=none")
+    )
+    assert torch.equal(x, x1) and report["subset_seed"] == 1 and report["seed"] == 5
+
+    lone = tmp_path / "lone"  # no config.yaml here or one level up: seed picks the subset
+    lone.mkdir()
+    (lone / "model.pt").write_bytes((run_dir / "model.pt").read_bytes())
+    bare = [f"ckpt={lone}", "attacks=[clean]", "n_test=20", "model.name=resnet18", "model.width=4", "logger=none"]
+    data = [f"data.{k}={run_cfg.data[k]}" for k in ("name", "root", "cache_dir")]
+    report, x, _ = _evaluated_images(monkeypatch, _eval_cfg(*bare, *data, "seed=1"))
+    assert torch.equal(x, x1) and report["subset_seed"] == 1 and report["config_path"] is None
 
 
 def test_python_m_frep_lightning_eval(tiny_run: tuple[Path, dict], tmp_path: Path) -> None:

@@ -30,13 +30,20 @@ PRECISIONS = ("fp32", "bf16")
 
 
 def parse_eps(value: float | int | str, key: str = "attack.eps") -> float:
-    """A float, or a fraction string such as "8/255" (exact, and what configs should say).
+    """A float, or a string: a number ("0.03") or a fraction of two numbers ("8/255", "2.5/255",
+    "8 / 255"), evaluated exactly and rounded once (what configs should say: 8/255 is not 0.0314).
 
     Raises a ValueError naming ``key`` for anything that is not a number in (0, 1]."""
     try:
-        eps = float(Fraction(value)) if isinstance(value, str) else float(value)
-    except (ValueError, ZeroDivisionError) as err:
-        raise ValueError(f"{key}={value!r} is not a number or a fraction like 8/255") from err
+        if isinstance(value, str):
+            parts = value.split("/")  # Fraction() alone takes "8/255" but neither "2.5/255" nor "8 / 255"
+            if len(parts) > 2:
+                raise ValueError(value)
+            eps = float(Fraction(parts[0]) / Fraction(parts[1])) if len(parts) == 2 else float(Fraction(value))
+        else:
+            eps = float(value)
+    except (ValueError, ZeroDivisionError, TypeError) as err:
+        raise ValueError(f"{key}={value!r} is not a number or a fraction like 8/255 or 2.5/255") from err
     if not 0.0 < eps <= 1.0:
         raise ValueError(f"{key}={value!r} must be in (0, 1] (pixel range is [0, 1])")
     return eps
@@ -90,12 +97,15 @@ def attack_precision(precision: str, device: torch.device) -> contextlib.Abstrac
 
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
-    was_training = model.training
+    """Eval mode inside, and every submodule's own mode back afterwards: ``model.train(flag)`` alone
+    would also flip submodules the caller had set apart (e.g. a frozen BatchNorm kept in eval mode)."""
+    modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         yield
     finally:
-        model.train(was_training)
+        for m, training in modes:
+            m.training = training
 
 
 class SignGradientAttack:

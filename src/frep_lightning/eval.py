@@ -12,6 +12,10 @@ the evaluation settings need to be given::
 
 Output: a table on the terminal, ``eval.json`` beside the evaluated file (``output=`` elsewhere)
 and the same numbers to the logger (``logger=auto``: the run's own logger config, e.g. W&B).
+
+Seeds: ``n_test=N`` evaluates the class-balanced subset that the run's ``data.seed`` picks (the
+images of its summary.json evaluation; ``seed`` only when no run config is found), recorded as
+``subset_seed`` in eval.json; ``seed`` drives the attacks' randomness.
 """
 
 from __future__ import annotations
@@ -202,8 +206,8 @@ def validate_eval_config(cfg: DictConfig) -> None:
     if unknown:
         raise ConfigError("; ".join(unknown))
     try:
-        check_attack_names(list(cfg.attacks))
-    except (ValueError, TypeError) as err:
+        check_attack_names(cfg.get("attacks"))  # not list() first: attacks=pgd50 is a string, not 5 names
+    except ValueError as err:
         raise ConfigError(str(err)) from err
     for key in ("eps", "step_size"):
         try:
@@ -230,12 +234,28 @@ def validate_eval_config(cfg: DictConfig) -> None:
         raise ConfigError(f"aa.components={list(components)!r}: allowed {', '.join(AA_COMPONENTS)}")
     if "logger" in cfg and cfg.logger is not None and not enabled(cfg.logger):
         raise ConfigError("logger: choose a logger config (logger=csv, wandb, auto) or logger=none")
-    device = str(cfg.device)
-    if device != "auto":
-        try:
-            torch.device(device)
-        except RuntimeError as err:
-            raise ConfigError(f"device={device!r} is not a torch device (auto, cpu, cuda, cuda:1)") from err
+    check_device(str(cfg.device))
+
+
+def check_device(name: str) -> None:
+    """``device=`` must be usable here: ``cuda`` / ``cuda:N`` without CUDA (or N past the visible
+    GPUs) is refused now, not after the model and the test set were loaded (a raw driver error)."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ConfigError(f"device={name!r} is not a torch device (auto, cpu, cuda, cuda:1)") from err
+    if device.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but CUDA is not available on this machine; use device=cpu or device=auto")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ConfigError(
+            f"device={name!r} but this machine has {count} CUDA device(s): "
+            f"{', '.join(f'cuda:{i}' for i in range(count))}"
+        )
 
 
 def _device(name: str) -> torch.device:
@@ -284,7 +304,9 @@ def print_report(report: Mapping[str, Any], layers: bool = True) -> None:
     n = report["n"]
     title = (
         f"{report.get('model', '')} on {report.get('dataset', '')}: L-inf eps {report['eps_str']}, "
-        f"n={n}, seed {report['seed']}, precision {report['precision']}"
+        f"n={n}, seed {report['seed']}"
+        + ("" if report.get("subset_seed", report["seed"]) == report["seed"] else f" (subset {report['subset_seed']})")
+        + f", precision {report['precision']}"
     )
     table = Table(title=title)
     for col in ("attack", "accuracy", "correct", "seconds"):
@@ -380,7 +402,8 @@ def log_report(loggers: list[Any], report: Mapping[str, Any]) -> dict[str, float
 
 # -- the app ---------------------------------------------------------------------------------
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate ``cfg.ckpt``; returns the report (also written to ``eval.json``)."""
+    """Evaluate ``cfg.ckpt``; returns the report (also written to ``eval.json``). The test subset
+    follows the run's ``data.seed`` (see the module docstring), the attacks ``cfg.seed``."""
     validate_eval_config(cfg)
     model_file = resolve_ckpt(cfg.ckpt)
     config_path = find_run_config(model_file)
@@ -404,7 +427,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         model_cfg.num_classes = num_classes(data_cfg.name)
     with open_dict(data_cfg):
         data_cfg.n_test = cfg.n_test
-        data_cfg.seed = cfg.seed
+        # the test subset is the run's (data.seed picked it for the summary.json evaluation), so frep-eval
+        # and the run's own numbers judge the same images; cfg.seed only without a run config (and attacks)
+        if data_cfg.get("seed") is None:
+            data_cfg.seed = cfg.seed
         data_cfg.eval_batch_size = cfg.batch_size
         data_cfg.augment = False
 
@@ -416,7 +442,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(data_cfg)
     datamodule.check_available()
     datamodule.setup("test")
-    names = check_attack_names(list(cfg.attacks))
+    names = check_attack_names(cfg.attacks)
     aa_components = None if cfg.aa.get("components") is None else list(cfg.aa.components)
     attacks = build_attacks(
         names,
@@ -440,6 +466,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "eps": eps,
         "eps_str": str(cfg.eps),
         "seed": cfg.seed,
+        "subset_seed": data_cfg.seed,  # the n_test subset's seed: the run's data.seed, else seed
         "precision": cfg.precision,
         "attack_settings": {name: a.describe() for name, a in attacks.items()},
         "model_path": str(model_file),

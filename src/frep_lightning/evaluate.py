@@ -53,6 +53,7 @@ from frep_lightning.attacks import (
     attack_precision,
     check_adversarial,
     cross_entropy_loss,
+    eval_mode,
     parse_eps,
 )
 from frep_lightning.checks import check_choice, check_int
@@ -70,9 +71,15 @@ SQUARE_TOLERANCE = 0.005
 
 
 def check_attack_names(names: Sequence[str], key: str = "attacks") -> list[str]:
-    """The attack names in a canonical order without duplicates; ``clean`` is implied."""
+    """The attack names in a canonical order without duplicates; ``clean`` is implied.
+
+    ``names`` must be a list: a plain string (``attacks=pgd50`` on the command line) is refused
+    rather than read as one name, since iterating it would report its letters as unknown attacks
+    and a typo of the list syntax should not silently change which attacks run."""
     if isinstance(names, str):
-        raise ValueError(f"{key}={names!r} must be a list, e.g. {key}=[clean,pgd50,aa]")
+        raise ValueError(f"{key}={names!r} must be a list of attack names, e.g. {key}=[{names}]")
+    if isinstance(names, Mapping) or not isinstance(names, Iterable):
+        raise ValueError(f"{key}={names!r} must be a list of attack names, e.g. {key}=[clean,pgd50,aa]")
     bad = [n for n in names if n not in ATTACKS and not _ITERATIVE.match(str(n))]
     if bad:
         raise ValueError(
@@ -305,11 +312,14 @@ def build_attacks(
 
 def config_attacks(eval_cfg: Mapping[str, Any], seed: int = 0) -> dict[str, EvalAttack]:
     """The attacks named by ``eval.attacks`` of a training config (frep-train's final evaluation),
-    with the same keys and defaults as ``conf/eval.yaml``; raises ValueError naming the key."""
+    with the same keys and defaults as ``conf/eval.yaml``; raises ValueError naming the key
+    (``eval.attacks`` must be a list, null = none: see :func:`check_attack_names`)."""
     aa = eval_cfg.get("aa") or {}
+    names = eval_cfg.get("attacks")
+    names = check_attack_names([] if names is None else names, "eval.attacks")  # before list(): "pgd50" is no list
     try:
         return build_attacks(
-            list(eval_cfg.get("attacks") or []),
+            names,
             eps=eval_cfg.get("eps", "8/255"),
             step_size=eval_cfg.get("step_size", "2/255"),
             restarts=eval_cfg.get("restarts", 1),
@@ -393,19 +403,21 @@ def run_attacks(
     """Clean and per-attack correctness of every example (see the module docstring for the checks).
 
     Only examples classified correctly clean are attacked (the others are not robust anyway).
+    The model runs in eval mode and is handed back in the mode(s) it came in: a caller that is
+    training (frep-train's model, a notebook) must not find its model silently left in eval mode.
     """
     device = torch.device(device)
     wrapped = {name: WhiteBoxAttack(a, name) if isinstance(a, SignGradientAttack) else a for name, a in attacks.items()}
     if "clean" in wrapped or "worst_case" in wrapped:
         raise ValueError("attack names 'clean' and 'worst_case' are reserved")
-    model = model.to(device).eval()
+    model = model.to(device)
     generators = {name: torch.Generator(device=device).manual_seed(_attack_seed(seed, name)) for name in wrapped}
     before = _buffers(model)
     correct: dict[str, list[Tensor]] = {"clean": [], **{name: [] for name in wrapped}}
     seconds = dict.fromkeys(["clean", *wrapped], 0.0)
     total = len(batches) if hasattr(batches, "__len__") else None
     begin = time.perf_counter()
-    with _frozen_parameters(model):
+    with eval_mode(model), _frozen_parameters(model):
         for b, (x, y) in enumerate(batches):
             if b:  # progress: long evaluations (AutoAttack, Square) otherwise print nothing for minutes
                 done = sum(len(c) for c in correct["clean"])
