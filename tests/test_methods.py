@@ -101,7 +101,9 @@ def test_every_method_composes_and_trains(method: str, tmp_path: Path) -> None:
     zeros, total = sum(int((w == 0).sum()) for w in weights), sum(w.numel() for w in weights)
     if method == "frep_ch":  # structured by default: whole output channels, counted globally
         assert cfg.pruning.mode == "structured"
-        rows = [w.flatten(1) for w in weights]
+        head = [k for k, v in state.items() if k.endswith(".weight") and v.dim() == 2][-1]
+        assert bool((state[head] != 0).any(dim=1).all())  # every class keeps its row: the head stays dense
+        rows = [w.flatten(1) for k, w in state.items() if k.endswith(".weight") and w.dim() == 4]
         dead = sum(int((r == 0).all(1).sum()) for r in rows)
         assert dead == round(0.8 * sum(r.shape[0] for r in rows)) and zeros == sum(
             int((r == 0).all(1).sum()) * r.shape[1] for r in rows
@@ -283,7 +285,9 @@ def test_lwm_reaches_exact_target_at_end_epoch_with_monotone_masks(mode: str, tm
     def kept(masks: dict[str, torch.Tensor]) -> tuple[int, int]:
         if mode == "unstructured":
             return sum(int(m.sum()) for m in masks.values()), sum(m.numel() for m in masks.values())
-        rows = [m.flatten(1).amax(1) for m in masks.values()]
+        heads = [m for m in masks.values() if m.dim() == 2]  # the classifier: its rows are the classes
+        assert len(heads) == 1 and bool(heads[0].all())
+        rows = [m.flatten(1).amax(1) for m in masks.values() if m.dim() == 4]
         return sum(int(r.sum()) for r in rows), sum(r.numel() for r in rows)
 
     for epoch, masks in enumerate(recorder.masks):

@@ -96,3 +96,27 @@ def test_structured_channel_reparam_zeroes_rows_of_m() -> None:
 def test_callback_validates_arguments(kwargs: dict, key: str) -> None:
     with pytest.raises(ValueError, match=key):
         RobustPruning(**kwargs)
+
+
+def test_structured_pruning_never_removes_classes() -> None:
+    """The classifier's output rows are the classes: structured pruning ranks filters only (the head
+    here has tiny rows that a global ranking would remove first)."""
+    from types import SimpleNamespace
+
+    from frep_lightning.pruning import RobustPruning
+
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+    with torch.no_grad():
+        holder.model[3].weight.mul_(1e-4)
+    reparameterize_(holder.model, "hadamard")
+    pruning = RobustPruning(0.5, epoch=0, mode="structured")
+    pruning.setup(SimpleNamespace(max_epochs=2), holder, "fit")
+    assert pruning.selected_layers == ["model.0", "model.1"]
+    masks = compute_masks(holder, 0.5, "structured", pruning.selected_layers)
+    assert set(masks) == {"model.0", "model.1"}
+    assert sum(int(m.flatten(1).amax(1).sum()) for m in masks.values()) == 8  # 8 of 16 filters kept
+    unstructured = RobustPruning(0.5, epoch=0)
+    unstructured.setup(SimpleNamespace(max_epochs=2), holder, "fit")
+    assert unstructured.selected_layers == ["model.0", "model.1", "model.3"]  # weights: the head counts

@@ -50,6 +50,7 @@ from frep_lightning.evaluate import (
     run_attacks,
 )
 from frep_lightning.export import NotOurFileError, merged_state_dict, safe_load, write_json
+from frep_lightning.pruning import without_classifier
 from frep_lightning.reparam import add_masks_, select_layers
 from frep_lightning.train import build_module, config_dir
 
@@ -187,8 +188,12 @@ def prunable_layers(model: nn.Module, run_cfg: DictConfig | None) -> list[str] |
         return None
     holder = nn.Module()
     holder.model = model  # pruning patterns are over the LightningModule's names (model.net.*)
-    names = select_layers(holder, run_cfg.pruning.get("include", ["*"]), run_cfg.pruning.get("exclude", []))
-    return [n[len("model.") :] for n, _ in names]
+    names = [
+        n for n, _ in select_layers(holder, run_cfg.pruning.get("include", ["*"]), run_cfg.pruning.get("exclude", []))
+    ]
+    if run_cfg.pruning.get("mode") == "structured":  # as RobustPruning selects them
+        names = without_classifier(holder, names)
+    return [n[len("model.") :] for n in names]
 
 
 # -- config ----------------------------------------------------------------------------------

@@ -82,6 +82,18 @@ def channel_masks(keep: Tensor, weights: dict[str, Tensor]) -> dict[str, Tensor]
     return masks
 
 
+def without_classifier(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """``names`` less the output layer (the last Conv2d/Linear of ``model``, when it is a Linear): in
+    structured pruning its output channels are the classes, and ranking them with the filters
+    (Eq. 17) would remove whole classes. Its weights stay dense; unstructured pruning keeps it."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    if not layers or not isinstance(layers[-1][1], nn.Linear) or layers[-1][0] not in names:
+        return list(names)
+    head = layers[-1][0]
+    rank_zero_info(f"RobustPruning: structured pruning leaves the classifier {head} dense (its rows are the classes)")
+    return [n for n in names if n != head]
+
+
 def compute_masks(
     model: nn.Module, sparsity: float, mode: str = "unstructured", names: Sequence[str] | None = None
 ) -> dict[str, Tensor]:
@@ -223,6 +235,8 @@ class RobustPruning(Callback):
             )
         add_masks_(pl_module, self.include, self.exclude)
         self.selected_layers = [n for n, _, _ in iter_masked(pl_module) if n in selected]
+        if self.mode == "structured":
+            self.selected_layers = without_classifier(pl_module, self.selected_layers)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Optimizers whose state cannot be masked fail now, not at the pruning epoch."""
