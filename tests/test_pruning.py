@@ -120,3 +120,13 @@ def test_structured_pruning_never_removes_classes() -> None:
     unstructured = RobustPruning(0.5, epoch=0)
     unstructured.setup(SimpleNamespace(max_epochs=2), holder, "fit")
     assert unstructured.selected_layers == ["model.0", "model.1", "model.3"]  # weights: the head counts
+
+
+def test_structured_pruning_keeps_a_convolutional_head() -> None:
+    """A fully convolutional classifier (a 1x1 conv gives the class maps) keeps every class too."""
+    from frep_lightning.pruning import without_classifier
+
+    holder = nn.Module()
+    holder.model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 10, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    assert without_classifier(holder, ["model.0", "model.1"]) == ["model.0"]
+    assert without_classifier(holder, ["model.0"]) == ["model.0"]  # head not selected: nothing to drop

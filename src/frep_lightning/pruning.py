@@ -83,11 +83,12 @@ def channel_masks(keep: Tensor, weights: dict[str, Tensor]) -> dict[str, Tensor]
 
 
 def without_classifier(model: nn.Module, names: Sequence[str]) -> list[str]:
-    """``names`` less the output layer (the last Conv2d/Linear of ``model``, when it is a Linear): in
-    structured pruning its output channels are the classes, and ranking them with the filters
-    (Eq. 17) would remove whole classes. Its weights stay dense; unstructured pruning keeps it."""
+    """``names`` less the output layer (the last Conv2d/Linear of ``model``: a Linear, or the 1x1 conv
+    of a fully convolutional head): in structured pruning its output channels are the classes, and
+    ranking them with the filters (Eq. 17) would remove whole classes. Its weights stay dense;
+    unstructured pruning keeps it."""
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    if not layers or not isinstance(layers[-1][1], nn.Linear) or layers[-1][0] not in names:
+    if not layers or layers[-1][0] not in names:
         return list(names)
     head = layers[-1][0]
     rank_zero_info(f"RobustPruning: structured pruning leaves the classifier {head} dense (its rows are the classes)")

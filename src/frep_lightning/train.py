@@ -124,9 +124,11 @@ def run_record(cfg: DictConfig) -> dict[str, Any]:
     record: dict[str, Any] = {k: OmegaConf.select(cfg, k, default=None) for k in RUN_RECORD_KEYS}
     record["fast.enabled"] = bool(record["fast.enabled"])
     pruning = cfg.get("pruning") if enabled(cfg.get("pruning")) else None
-    record["pruning"] = (
-        None if pruning is None else f"{pruning._target_.rsplit('.', 1)[-1]}({pruning.get('mode')}, {pruning.sparsity})"
-    )
+    if pruning is not None:  # float: 0 and 0.0 are the same target
+        kind = pruning._target_.rsplit(".", 1)[-1]
+        record["pruning"] = f"{kind}({pruning.get('mode')}, {float(pruning.sparsity)})"
+    else:
+        record["pruning"] = None
     record["ensemble"] = cfg.ensemble._target_.rsplit(".", 1)[-1] if enabled(cfg.get("ensemble")) else None
     return record
 
