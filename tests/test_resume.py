@@ -203,7 +203,8 @@ def test_resume_from_any_point_equals_uninterrupted_run(
     resumed = run_with(tiny(tmp_path / "final", f"ckpt_path={ckpt}"), monkeypatch, Recorder(log))
     # training time adds up across the segments (each checkpoint holds the time trained up to it)
     assert clock == sorted(clock) and clock[-1] > clock[1] > 0
-    assert resumed["train_seconds_total"] > clock[-1] and resumed["train_seconds_total"] > resumed["train_seconds"]
+    assert resumed["train_seconds_total"] > clock[-1]  # the earlier segments plus this one (train_seconds also
+    # counts this process's set-up, which can exceed the short earlier segments: no order between the two)
     assert 0 < ref["train_seconds_total"] <= ref["train_seconds"]
 
     for key in ref_log:  # step by step, from every resume point on
