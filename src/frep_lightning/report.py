@@ -322,16 +322,10 @@ class Sweep:
 def expected_jobs(multirun_yaml: Path) -> tuple[list[list[str]], tuple[str, ...]]:
     """The job override lists the basic sweeper makes from ``multirun.yaml`` (sweeper params +
     command-line overrides, as ``BasicSweeper.sweep`` combines them), and the swept keys."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from frep_lightning.sweep import basic_sweeper_jobs, sweep_overrides
 
-    cfg = OmegaConf.load(multirun_yaml)
-    params = _select(cfg, "hydra.sweeper.params") or {}
-    task = [str(o) for o in (_select(cfg, "hydra.overrides.task") or [])]
-    args = [f"{k}={v}" for k, v in params.items()] + task
-    overrides = OverridesParser.create().parse_overrides(args)
-    batches = BasicSweeper.split_arguments(overrides, None)
-    jobs = [list(job) for batch in batches for job in batch]
+    overrides = sweep_overrides(OmegaConf.load(multirun_yaml))
+    jobs = basic_sweeper_jobs(overrides)
     varying = tuple(
         o.get_key_element().lstrip("+~")
         for o in overrides

@@ -174,19 +174,30 @@ class PinDevice(HydraCallback):
 
 
 # -- the sweep's configs, before any job ----------------------------------------------------
-def multirun_jobs(config: DictConfig) -> list[list[str]] | None:
-    """The override list of every job Hydra's basic sweeper will launch (``hydra.sweeper.params`` then the
-    command line, as the sweeper combines them); ``None`` for another sweeper (its own search)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+def sweep_overrides(config: DictConfig) -> list[Any]:
+    """A multirun's overrides, parsed: ``hydra.sweeper.params`` then the command line, as Hydra's basic
+    sweeper combines them (``config``: the composed config, or a run's saved ``multirun.yaml``)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    params = OmegaConf.select(config, "hydra.sweeper.params", throw_on_resolution_failure=False) or {}
+    task = [str(o) for o in OmegaConf.select(config, "hydra.overrides.task", throw_on_resolution_failure=False) or []]
+    return OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()] + task)
+
+
+def basic_sweeper_jobs(overrides: Sequence[Any]) -> list[list[str]]:
+    """The override list of every job the basic sweeper makes from ``overrides``."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    return [list(job) for batch in BasicSweeper.split_arguments(list(overrides), None) for job in batch]
+
+
+def multirun_jobs(config: DictConfig) -> list[list[str]] | None:
+    """The override list of every job Hydra's basic sweeper will launch; ``None`` for another sweeper
+    (its own search)."""
     target = str(OmegaConf.select(config, "hydra.sweeper._target_", default=""))
     if not target.endswith("BasicSweeper"):
         return None
-    params = OmegaConf.select(config, "hydra.sweeper.params") or {}
-    task = list(OmegaConf.select(config, "hydra.overrides.task") or [])
-    overrides = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()] + task)
-    return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
+    return basic_sweeper_jobs(sweep_overrides(config))
 
 
 class CheckSweep(HydraCallback):
