@@ -357,10 +357,12 @@ def mismatch_message(what: str, mismatches: list[str]) -> str:
     )
 
 
+def callback_states(checkpoint: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A checkpoint's callback states by class name (Lightning keys them ``Name{...init args}``)."""
+    states = checkpoint.get("callbacks") or {}
+    return {key.split("{")[0]: state for key, state in states.items() if isinstance(state, dict)}
+
+
 def read_run_record(path: str | Path) -> dict[str, Any] | None:
     """The :class:`RunRecord` of a checkpoint file (memory-mapped: the weights are not read), or None."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    for key, state in (checkpoint.get("callbacks") or {}).items():
-        if key.split("{")[0] == "RunRecord" and isinstance(state, dict):
-            return state
-    return None
+    return callback_states(torch.load(path, map_location="cpu", weights_only=True, mmap=True)).get("RunRecord")

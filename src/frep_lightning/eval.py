@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from frep_lightning import __version__
 from frep_lightning.attacks import parse_eps
+from frep_lightning.checkpointing import callback_states
 from frep_lightning.compression import compression_report, human_bytes
 from frep_lightning.config import ConfigError, closed_key_errors, enabled
 from frep_lightning.evaluate import (
@@ -129,7 +130,7 @@ def merged_from_checkpoint(ckpt: Mapping[str, Any], run_cfg: DictConfig) -> dict
 
 def checkpoint_notes(ckpt: Mapping[str, Any], run_cfg: DictConfig) -> list[str]:
     """What makes a training checkpoint's model differ from the run's exported one."""
-    states = {k.split("{")[0]: v for k, v in (ckpt.get("callbacks") or {}).items() if isinstance(v, Mapping)}
+    states = callback_states(dict(ckpt))
     notes = []
     pruning = states.get("RobustPruning", states.get("GradualPruning"))
     if enabled(run_cfg.get("pruning")) and pruning is not None and not pruning.get("pruned", True):

@@ -61,6 +61,7 @@ from frep_lightning.module import (
     SUM_LOSS,
     SUM_NONFINITE,
     FReP,
+    sum_means,
 )
 from frep_lightning.objectives import Objective
 from frep_lightning.reparam import Hadamard, Plain, factors, iter_masked
@@ -551,11 +552,8 @@ class FastStep:
     # ---- metrics --------------------------------------------------------------------------
     def read_metrics(self) -> dict[str, float]:
         """Means since the last read (one host sync), then reset the sums."""
-        loss_sum, adv, clean, count, nonfinite = self.sums.tolist()
+        out = sum_means(self.sums)
         self.sums.zero_()
-        out = {"count": count, "nonfinite": nonfinite}
-        if count > 0:
-            out.update(loss=loss_sum / count, acc_adv=adv / count, acc=clean / count)
         return out
 
     def describe(self) -> str:

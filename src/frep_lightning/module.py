@@ -26,6 +26,16 @@ SUM_LOSS, SUM_CORRECT_ADV, SUM_CORRECT_CLEAN, SUM_COUNT, SUM_NONFINITE = range(5
 EPOCH_SUMS_KEY = "frep_epoch_sums"
 
 
+def sum_means(sums: Tensor) -> dict[str, float]:
+    """``count``, ``nonfinite`` and (with a count) the ``loss`` / ``acc_adv`` / ``acc`` means of running
+    sums in the ``SUM_*`` layout: one host sync."""
+    loss, adv, clean, count, nonfinite = sums.tolist()
+    out = {"count": count, "nonfinite": nonfinite}
+    if count > 0:
+        out.update(loss=loss / count, acc_adv=adv / count, acc=clean / count)
+    return out
+
+
 class FReP(pl.LightningModule):
     """Robust sparse training of ``model`` (a classifier taking [0, 1] images).
 
@@ -136,18 +146,18 @@ class FReP(pl.LightningModule):
         sums = self._sums_if_any()
         if sums is None:
             return
-        loss, adv, clean, count, nonfinite = self._global_sums(sums).tolist()
+        means = sum_means(self._global_sums(sums))
         sums.zero_()
-        if nonfinite > 0:
+        if means["nonfinite"] > 0:
             raise FloatingPointError(
-                f"non-finite training loss in {int(nonfinite)} step(s) of epoch {self.current_epoch}; "
+                f"non-finite training loss in {int(means['nonfinite'])} step(s) of epoch {self.current_epoch}; "
                 "lower optim.lr or check the data"
             )
-        if count > 0:
-            self.log("train/loss_epoch", loss / count, prog_bar=True)
-            self.log("train/acc_adv", adv / count)
+        if means["count"] > 0:
+            self.log("train/loss_epoch", means["loss"], prog_bar=True)
+            self.log("train/acc_adv", means["acc_adv"])
             if self.objective.uses_clean:
-                self.log("train/acc", clean / count, prog_bar=True)
+                self.log("train/acc", means["acc"], prog_bar=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         sums = self._sums_if_any()
