@@ -261,12 +261,14 @@ needs_compiler = pytest.mark.skipif(
 )
 
 
-def _fit(tmp_path: Path, fast: dict[str, Any] | None) -> tuple[Probe, RobustPruning, pl.Trainer]:
+def _fit(
+    tmp_path: Path, fast: dict[str, Any] | None, mode: str = "unstructured"
+) -> tuple[Probe, RobustPruning, pl.Trainer]:
     pl.seed_everything(0, verbose=False)
     model = build_model("resnet18", num_classes=10, width=4)
     kwargs: dict[str, Any] = {"lr": 0.1, "milestones": [2], "val_attack_steps": 1, "seed": 0}
     module = FReP(model, **kwargs) if fast is None else FastFReP(model, **kwargs, **fast)
-    pruning = RobustPruning(sparsity=0.9, epoch=1)
+    pruning = RobustPruning(sparsity=0.9 if mode == "unstructured" else 0.5, epoch=1, mode=mode)
     ensemble = TemporalEnsemble(every_n_steps=2, interval_factor=2, bn="recompute", bn_batches=2)
     probe = Probe(ensemble)
     # the probe sees the live model before the ensemble replaces it
@@ -379,6 +381,28 @@ def test_fast_path_equals_plain_path(
     assert math.isclose(ours_m["train/acc"], ref_m["train/acc"], rel_tol=tol, abs_tol=0 if exact else 0.1)
     assert math.isclose(ours_m["train/acc_adv"], ref_m["train/acc_adv"], rel_tol=tol, abs_tol=0 if exact else 0.1)
     assert math.isclose(ours_m["val/acc"], ref_m["val/acc"], rel_tol=tol, abs_tol=0 if exact else 0.1)
+
+
+def test_fast_path_removes_channels_like_the_plain_path(tmp_path: Path, deterministic: None) -> None:
+    """Structured pruning: the fast step's own gradient computation (``autograd.grad``) and SGD update
+    hold the bias/BN γ/β of pruned channels at zero as the plain path does (the gradient hooks of
+    :mod:`frep_lightning.channel_removal`), with the same weights."""
+    _, _, ref = _fit(tmp_path / "plain", None, "structured")
+    _, pruning, fast = _fit(tmp_path / "fast", {"capture": "cuda_graph"}, "structured")
+    assert pruning.pruned and sum(len(v) for v in pruning.dependents.values()) == 20
+    live, expected = fast.lightning_module.state_dict(), ref.lightning_module.state_dict()
+    for key, value in expected.items():
+        torch.testing.assert_close(live[key], value, rtol=1e-6, atol=1e-7, msg=lambda m, k=key: f"{k}: {m}")
+    model = fast.lightning_module.model.net
+    removed = 0
+    for layer, norms in pruning.dependents.items():
+        conv = fast.lightning_module.get_submodule(layer)
+        dead = conv.weight.detach().flatten(1).abs().amax(1) == 0
+        for name in norms:
+            bn = fast.lightning_module.get_submodule(name)
+            assert not bn.weight[dead].any() and not bn.bias[dead].any(), name
+        removed += int(dead.sum())
+    assert removed > 0 and model.bn1.bias.abs().sum() > 0  # channels were removed, the kept ones trained
 
 
 # ---- configuration, validation, failure modes ----------------------------------------------------

@@ -130,3 +130,185 @@ def test_structured_pruning_keeps_a_convolutional_head() -> None:
     holder.model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 10, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     assert without_classifier(holder, ["model.0", "model.1"]) == ["model.0"]
     assert without_classifier(holder, ["model.0"]) == ["model.0"]  # head not selected: nothing to drop
+
+
+# ---- structured pruning removes channels: bias and BatchNorm of a pruned channel held at zero ----------
+def test_channel_dependents_are_the_norms_reading_a_layer_directly() -> None:
+    """Post-activation ResNet: every conv feeds its BN; pre-activation WRN: a block's last conv feeds a
+    residual addition, never a BN, so the next block's BN (which reads the sum) is not paired."""
+    from frep_lightning.channel_removal import channel_dependents
+    from frep_lightning.models import build_model
+
+    resnet = reparameterize_(build_model("resnet18", num_classes=10, width=4), "hadamard")
+    names = [n for n, _, _ in iter_masked(resnet)]
+    deps = channel_dependents(resnet, names)
+    assert deps["net.conv1"] == ["net.bn1"]
+    assert deps["net.layer1.0.conv2"] == ["net.layer1.0.bn2"]
+    assert deps["net.layer2.0.shortcut.0"] == ["net.layer2.0.shortcut.1"]
+    assert sum(len(v) for v in deps.values()) == 20 and deps[names[-1]] == []  # the classifier feeds no BN
+    wrn = reparameterize_(build_model("wrn28_10", num_classes=10, width=1), "none")
+    deps = channel_dependents(wrn, [n for n, _, _ in iter_masked(wrn)])
+    assert deps["net.blocks.0.conv1"] == ["net.blocks.0.bn2"]
+    assert deps["net.blocks.0.conv2"] == [] and deps["net.blocks.1.conv2"] == []  # into a residual sum
+    assert deps["net.conv1"] == ["net.blocks.0.bn1"]  # the stem's output, read by the first block's BN
+
+
+def test_channel_dependents_of_a_users_lightning_module() -> None:
+    """The drop-in case: a torchvision backbone inside the user's LightningModule, traced whole."""
+    import lightning.pytorch as pl
+    import torchvision
+
+    from frep_lightning.channel_removal import channel_dependents
+
+    class UserModule(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = reparameterize_(torchvision.models.resnet18(num_classes=10), "hadamard")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    module = UserModule()
+    deps = channel_dependents(module, [n for n, _, _ in iter_masked(module)])
+    assert deps["net.conv1"] == ["net.bn1"] and deps["net.layer4.1.conv2"] == ["net.layer4.1.bn2"]
+    assert deps["net.layer2.0.downsample.0"] == ["net.layer2.0.downsample.1"]
+    assert sum(len(v) for v in deps.values()) == 20 and deps["net.fc"] == []
+
+
+def test_channel_dependents_warn_where_the_graph_cannot_be_traced() -> None:
+    from frep_lightning.channel_removal import channel_dependents
+
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.conv(x)) if x.sum() > 0 else x  # data-dependent: fx cannot trace it
+
+    holder = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), Branchy())
+    add_masks = reparameterize_(holder, "none")
+    with pytest.warns(UserWarning, match=r"could not trace 2 \(Branchy\).*keeps its β"):
+        deps = channel_dependents(add_masks, ["0", "2.conv"])
+    assert deps == {"0": ["1"], "2.conv": []}
+
+
+class _TinyConvNet(torch.nn.Module):
+    """conv(bias) -> BN -> ReLU -> conv -> BN -> pool -> linear: two prunable filter banks. The second BN
+    feeds no ReLU (as before a residual sum), so its β keeps a gradient after pruning; ReLU'(0) = 0
+    would hide that."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.Identity(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _physically_pruned(net: nn.Sequential) -> nn.Sequential:
+    """``net`` (merged, :class:`_TinyConvNet` layout) with the all-zero filters cut out: what an edge
+    deployment runs. Equal outputs mean the pruned channels contributed exactly nothing."""
+    import copy
+
+    small = copy.deepcopy(net)
+    keep_in: torch.Tensor | None = None
+    for conv_i, bn_i in ((0, 1), (3, 4)):
+        conv, bn = net[conv_i], net[bn_i]
+        keep = (conv.weight.flatten(1) != 0).any(dim=1).nonzero().flatten()
+        w = conv.weight[keep] if keep_in is None else conv.weight[keep][:, keep_in]
+        new = nn.Conv2d(w.shape[1], len(keep), 3, padding=1, bias=conv.bias is not None)
+        new.weight.data.copy_(w)
+        if conv.bias is not None:
+            new.bias.data.copy_(conv.bias[keep])
+        small[conv_i] = new
+        small[bn_i] = nn.BatchNorm2d(len(keep))
+        for key in ("weight", "bias", "running_mean", "running_var"):
+            getattr(small[bn_i], key).data.copy_(getattr(bn, key)[keep])
+        keep_in = keep
+    head = nn.Linear(len(keep_in), 10)
+    head.weight.data.copy_(net[8].weight[:, keep_in])
+    head.bias.data.copy_(net[8].bias)
+    small[8] = head
+    return small.eval()
+
+
+@pytest.mark.parametrize("remove", [True, False], ids=["remove_channels", "filters_only"])
+def test_structured_pruning_removes_channels_end_to_end(tmp_path, remove: bool) -> None:
+    """Trained with momentum and weight decay past the pruning epoch, with an ensemble: the bias and
+    BN γ/β of every pruned channel stay exactly 0 in the live model and the averaged copy at every step,
+    and the exported model equals the one with those filters physically cut out. Filter masking
+    alone (``remove_channels=False``) leaves β alive, and cutting the filters changes the outputs."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import helpers
+    from frep_lightning import TemporalEnsemble
+    from frep_lightning.pruning import averaged_copies
+    from frep_lightning.reparam import merge_
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = _TinyConvNet()
+            reparameterize_(self.model, "hadamard", seed=0)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model(x)
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+            return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+    class Probe(pl.Callback):
+        """Largest |bias|, |γ|, |β| on a pruned channel after every step, live and averaged."""
+
+        def __init__(self) -> None:
+            self.worst: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+            if not pruning.pruned:
+                return
+            worst = 0.0
+            for model in (pl_module, *averaged_copies(trainer)):
+                for i_conv, i_bn in ((0, 1), (3, 4)):
+                    conv, bn = model.model.net[i_conv], model.model.net[i_bn]
+                    dead = conv.weight.detach().flatten(1).abs().amax(1) == 0
+                    values = [bn.weight[dead], bn.bias[dead]] + ([conv.bias[dead]] if conv.bias is not None else [])
+                    worst = max([worst, *(float(v.detach().abs().max()) for v in values if v.numel())])
+            self.worst.append(worst)
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.rand(64, 3, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g))
+    torch.manual_seed(0)
+    module = Module()
+    pruning = RobustPruning(0.5, epoch=1, mode="structured", remove_channels=remove)
+    probe = Probe()
+    ensemble = TemporalEnsemble(every_n_steps=1, c=1.0, bn="copy")
+    trainer = helpers.quiet_trainer(tmp_path, [pruning, probe, ensemble], max_epochs=3)
+    trainer.fit(module, DataLoader(data, batch_size=16))
+    assert len(probe.worst) == 8  # epochs 1 and 2, 4 steps each
+    dead = [int((module.model.net[i].weight.flatten(1).abs().amax(1) == 0).sum()) for i in (0, 3)]
+    assert sum(dead) == 8 and min(dead) > 0  # 8 of 16 filters pruned, some in each layer
+
+    exported = merge_(module.model).net.eval()
+    x = torch.rand(16, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        full, cut = exported(x), _physically_pruned(exported)(x)
+    if remove:
+        assert max(probe.worst) == 0.0  # exactly zero at every step, live and ensemble
+        torch.testing.assert_close(cut, full, rtol=1e-5, atol=1e-6)
+    else:
+        assert max(probe.worst) > 0.0  # β of pruned channels trained on
+        assert not torch.allclose(cut, full, rtol=1e-3, atol=1e-4)
+
+
+def test_remove_channels_is_validated() -> None:
+    with pytest.raises(ValueError, match=r"pruning.remove_channels='yes' must be true or false"):
+        RobustPruning(0.5, mode="structured", remove_channels="yes")  # type: ignore[arg-type]

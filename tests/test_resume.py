@@ -708,7 +708,9 @@ def test_resume_with_other_settings_is_refused_before_training(
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     refused = {
         ("pruning.sparsity=0.5",): "pruning: 'RobustPruning(unstructured, 0.9)' -> 'RobustPruning(unstructured, 0.5)'",
-        ("pruning=structured",): "pruning: 'RobustPruning(unstructured, 0.9)' -> 'RobustPruning(structured, 0.9)'",
+        ("pruning=structured",): (
+            "pruning: 'RobustPruning(unstructured, 0.9)' -> 'RobustPruning(structured, 0.9) removing channels'"
+        ),
         ("ensemble=none",): "ensemble: 'TemporalEnsemble' -> None",
         ("fast.enabled=true",): "fast.enabled: False -> True",  # another step counter: the ensemble would stall
         ("method=ori",): "method.name: 'frep' -> 'ori'; method.reparam_kind: 'hadamard' -> 'none'",

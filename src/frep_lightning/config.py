@@ -239,6 +239,7 @@ RULES: list[Rule] = [
     _rule("pruning.mode", _one_of(_pruning_modes), group="pruning"),
     _rule("pruning.include", _str_list, "must be a list of fnmatch patterns", group="pruning"),
     _rule("pruning.exclude", _str_list, "must be a list of fnmatch patterns", group="pruning"),
+    _rule("pruning.remove_channels", _is_bool, "must be true or false", group="pruning"),
     # ensemble
     _rule("ensemble.every_n_steps", _int_at_least(1), _POS_INT, required=True, group="ensemble"),
     _rule("ensemble.tau0", _between(0, 1, True, True), "must be in (0, 1)", group="ensemble"),

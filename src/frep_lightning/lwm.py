@@ -91,7 +91,7 @@ class GradualPruning(RobustPruning):
         epoch: 0-based epoch at whose start the first pruning step runs.
         end_epoch: epoch at whose start the final sparsity is reached (``None``: halfway between
             ``epoch`` and ``trainer.max_epochs``, so the second half fine-tunes the sparse network).
-        mode, include, exclude: as in :class:`~frep_lightning.pruning.RobustPruning`.
+        mode, include, exclude, remove_channels: as in :class:`~frep_lightning.pruning.RobustPruning`.
 
     Example::
 
@@ -106,8 +106,11 @@ class GradualPruning(RobustPruning):
         mode: str = "unstructured",
         include: tuple[str, ...] | list[str] = ("*",),
         exclude: tuple[str, ...] | list[str] = (),
+        remove_channels: bool = True,
     ) -> None:
-        super().__init__(sparsity=sparsity, epoch=epoch, mode=mode, include=include, exclude=exclude)
+        super().__init__(
+            sparsity=sparsity, epoch=epoch, mode=mode, include=include, exclude=exclude, remove_channels=remove_channels
+        )
         if end_epoch is not None:
             try:
                 end_epoch = check_int("pruning.end_epoch", end_epoch, epoch)

@@ -30,6 +30,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from frep_lightning.channel_removal import channel_dependents, hold_dependents, zero_dependents_
 from frep_lightning.checks import check_choice, check_int, check_patterns, check_real
 from frep_lightning.reparam import add_masks_, factor_masks, factors, iter_masked, select_layers
 
@@ -190,6 +191,10 @@ class RobustPruning(Callback):
         mode: ``unstructured`` (global top-k |W|) or ``structured`` (global output-channel L2 norm).
         include / exclude: fnmatch patterns over module names selecting the prunable layers
             (default: every Conv2d and Linear).
+        remove_channels: structured mode only: also hold at zero the bias and the directly following
+            BatchNorm's γ/β of every pruned output channel (:mod:`frep_lightning.channel_removal`), so
+            the channel outputs exactly 0 and the filter can be physically removed. ``False`` masks
+            the filter weights only (the channel then carries the constant ReLU(β)).
 
     Example::
 
@@ -203,6 +208,7 @@ class RobustPruning(Callback):
         mode: str = "unstructured",
         include: Sequence[str] = ("*",),
         exclude: Sequence[str] = (),
+        remove_channels: bool = True,
     ) -> None:
         self.sparsity = check_real("pruning.sparsity", sparsity, "in [0, 1)", lambda v: 0.0 <= v < 1.0)
         self.epoch = check_int("pruning.epoch", epoch, 0)
@@ -210,6 +216,11 @@ class RobustPruning(Callback):
         self.mode = mode
         self.include = check_patterns("pruning.include", include)
         self.exclude = check_patterns("pruning.exclude", exclude)
+        if not isinstance(remove_channels, bool):
+            raise ValueError(f"pruning.remove_channels={remove_channels!r} must be true or false")
+        self.remove_channels = remove_channels
+        self.dependents: dict[str, list[str]] = {}  # pruned layer -> BatchNorms held at zero with it
+        self._hooks: list[Any] = []
         self.pruned = False
         self.pruned_at_step: int | None = None
         self.selected_layers: list[str] = []
@@ -238,6 +249,17 @@ class RobustPruning(Callback):
         self.selected_layers = [n for n, _, _ in iter_masked(pl_module) if n in selected]
         if self.mode == "structured":
             self.selected_layers = without_classifier(pl_module, self.selected_layers)
+        for hook in self._hooks:  # setup can run twice (TemporalEnsemble calls it first)
+            hook.remove()
+        self._hooks, self.dependents = [], {}
+        if self.mode == "structured" and self.remove_channels:
+            self.dependents = channel_dependents(pl_module, self.selected_layers)
+            self._hooks = hold_dependents(pl_module, self.dependents)
+            norms = sum(len(v) for v in self.dependents.values())
+            rank_zero_info(
+                f"RobustPruning: pruned channels are removed: their bias and the γ/β of {norms} BatchNorm layer(s) "
+                "reading them are held at zero"
+            )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Optimizers whose state cannot be masked fail now, not at the pruning epoch."""
@@ -285,19 +307,21 @@ class RobustPruning(Callback):
         )
         return masks
 
-    @staticmethod
     def install_masks(
-        trainer: pl.Trainer, pl_module: pl.LightningModule, masks: dict[str, Tensor]
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, masks: dict[str, Tensor]
     ) -> tuple[dict[str, Tensor], float]:
-        """Rank 0's masks into the live model (factors and optimizer state zeroed) and every averaged
-        copy; returns the installed masks and the measured weight sparsity (logged as train/sparsity)."""
+        """Rank 0's masks into the live model (factors, pruned channels' dependents and optimizer state
+        zeroed) and every averaged copy; returns the installed masks and the measured weight sparsity
+        (logged as train/sparsity)."""
         # State shapes are known only once the optimizer has stepped: checked before any mask changes.
         check_maskable_state(trainer.optimizers)
         # Ranks hold identical weights under DDP; broadcasting makes identical masks a guarantee.
         masks = trainer.strategy.broadcast(masks, src=0)
         apply_masks_(pl_module, masks, trainer.optimizers)
+        zero_dependents_(pl_module, self.dependents, trainer.optimizers)
         for copy in averaged_copies(trainer):
             apply_masks_(copy, masks)
+            zero_dependents_(copy, self.dependents)
         report = sparsity_report({f"{n}.weight": m.weight.detach() for n, m, _ in iter_masked(pl_module) if n in masks})
         pl_module.log("train/sparsity", report["sparsity"], on_step=False, on_epoch=True, sync_dist=False)
         return masks, float(report["sparsity"])
@@ -308,6 +332,7 @@ class RobustPruning(Callback):
             "pruned_at_step": self.pruned_at_step,
             "sparsity": self.sparsity,
             "mode": self.mode,
+            "remove_channels": self.remove_channels,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -127,6 +127,8 @@ def run_record(cfg: DictConfig) -> dict[str, Any]:
     if pruning is not None:  # float: 0 and 0.0 are the same target
         kind = pruning._target_.rsplit(".", 1)[-1]
         record["pruning"] = f"{kind}({pruning.get('mode')}, {float(pruning.sparsity)})"
+        if pruning.get("mode") == "structured" and pruning.get("remove_channels", True):
+            record["pruning"] += " removing channels"  # its BN γ/β are zero: not the same run without
     else:
         record["pruning"] = None
     record["ensemble"] = cfg.ensemble._target_.rsplit(".", 1)[-1] if enabled(cfg.get("ensemble")) else None

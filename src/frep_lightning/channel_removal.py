@@ -1,0 +1,158 @@
+"""Structured pruning that removes channels, not only filters (paper Eq. 17, made deployable).
+
+Masking a conv's output channel zeroes the conv's output there, but the layer's own ``bias`` and a
+BatchNorm reading that output still add a constant: in training mode BN maps the all-zero channel
+to its β, so the "pruned" channel carries ReLU(β) into the next layer and the filter cannot be
+physically removed from the exported model. Here the *dependents* of every pruned output channel
+are held at exactly zero too:
+
+- the pruned layer's ``bias`` entry;
+- ``weight`` (γ) and ``bias`` (β) of every BatchNorm whose input is the layer's output, found by
+  tracing the model with ``torch.fx`` (a BN after a residual addition reads other channels too and
+  is never paired: pre-activation WRN blocks stay correct).
+
+They are zeroed, with their optimizer state, in the live model and in every averaged copy when the
+mask is installed, and a gradient hook multiplies their gradients by the channel mask, read from
+the layer's mask buffer at every backward (so a resumed run, the fast path's captured step and a
+gradually growing mask all hold them at zero with no extra state). With γ = β = 0 the BN output of
+the channel is exactly 0 in training and in evaluation mode, whatever its running statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.fx as fx
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from frep_lightning.reparam import iter_masked
+
+_NORMS = (nn.modules.batchnorm._BatchNorm,)
+
+
+class _Tracer(fx.Tracer):
+    """``torch.fx``'s tracer that keeps the modules it cannot trace (``opaque``) as opaque calls."""
+
+    def __init__(self, opaque: set[int]) -> None:
+        super().__init__()
+        self.opaque = opaque
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return id(m) in self.opaque or super().is_leaf_module(m, module_qualified_name)
+
+
+def _graph(model: nn.Module, opaque: set[int]) -> fx.Graph | None:
+    try:
+        return _Tracer(opaque).trace(model)
+    except Exception:  # any tracing failure makes the module opaque
+        return None
+
+
+def _find_opaque(model: nn.Module, opaque: set[int]) -> None:
+    """Post-order: the smallest modules whose own forward ``torch.fx`` cannot trace, into ``opaque``."""
+    for child in model.children():
+        if not fx.Tracer().is_leaf_module(child, ""):
+            _find_opaque(child, opaque)
+    if _graph(model, opaque) is None:
+        opaque.add(id(model))
+
+
+def _trace_pairs(model: nn.Module, prefix: str, opaque: set[int], pairs: dict[str, list[str]], untraced: list[str]):
+    """``pairs[layer] = [norms reading its output]`` over ``model``; a module in ``opaque`` is looked into
+    child by child (its own code, between them, is unseen: its name goes into ``untraced``)."""
+    modules = dict(model.named_modules())
+    graph = None if id(model) in opaque else _graph(model, opaque)
+    if graph is None:
+        if type(model).forward is not nn.Module.forward:  # a container without forward has no code to miss
+            untraced.append(f"{prefix.rstrip('.') or '<root>'} ({type(model).__name__})")
+        for name, child in model.named_children():
+            _trace_pairs(child, f"{prefix}{name}.", opaque, pairs, untraced)
+        return
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target not in modules:
+            continue
+        module = modules[node.target]
+        if id(module) in opaque:
+            _trace_pairs(module, f"{prefix}{node.target}.", opaque, pairs, untraced)
+        elif isinstance(module, _NORMS) and node.args:
+            src = node.args[0]
+            if isinstance(src, fx.Node) and src.op == "call_module" and src.target in modules:
+                pairs.setdefault(f"{prefix}{src.target}", []).append(f"{prefix}{node.target}")
+
+
+def channel_dependents(model: nn.Module, layers: Sequence[str]) -> dict[str, list[str]]:
+    """For each of ``layers`` (masked Conv2d/Linear names), the affine BatchNorm layers that read its
+    output directly and have one feature per output channel. Warns when part of ``model`` could not
+    be traced (a BN there after a pruned layer would keep its β)."""
+    opaque: set[int] = set()
+    pairs: dict[str, list[str]] = {}
+    untraced: list[str] = []
+    if _graph(model, opaque) is None:  # the common case traces whole at the first try
+        _find_opaque(model, opaque)
+    _trace_pairs(model, "", opaque, pairs, untraced)
+    modules = dict(model.named_modules())
+    out: dict[str, list[str]] = {}
+    for name in layers:
+        channels = modules[name].weight.shape[0]
+        found = dict.fromkeys(pairs.get(name, []))  # a module called twice is found twice
+        out[name] = [n for n in found if modules[n].affine and modules[n].num_features == channels]
+    if untraced:
+        rank_zero_warn(
+            f"pruning.remove_channels: torch.fx could not trace {', '.join(untraced[:3])}"
+            f"{' ...' if len(untraced) > 3 else ''}; a BatchNorm reached only through its own forward() code "
+            "is not found and keeps its β on pruned channels"
+        )
+    return out
+
+
+def dependent_tensors(model: nn.Module, layer: str, norms: Sequence[str]) -> list[Tensor]:
+    """The per-output-channel parameters of ``layer`` and of its ``norms``: bias, γ, β (those that exist)."""
+    tensors = []
+    for name in (layer, *norms):
+        module = model.get_submodule(name)
+        if name != layer and isinstance(module.weight, Tensor):
+            tensors.append(module.weight)
+        if isinstance(getattr(module, "bias", None), Tensor):
+            tensors.append(module.bias)
+    return tensors
+
+
+def channel_keep(mask: Tensor) -> Tensor:
+    """1 for every output channel of a weight mask that keeps any weight, else 0."""
+    return mask.flatten(1).amax(dim=1)
+
+
+@torch.no_grad()
+def zero_dependents_(
+    model: nn.Module,
+    dependents: dict[str, list[str]],
+    optimizers: Sequence[torch.optim.Optimizer] = (),
+) -> None:
+    """Zero the dependents of every pruned channel of ``model`` (masks read from its layers), and the
+    same entries of every optimizer state tensor of those parameters."""
+    masks = {name: p.mask for name, _, p in iter_masked(model)}
+    for layer, norms in dependents.items():
+        keep = channel_keep(masks[layer])
+        for tensor in dependent_tensors(model, layer, norms):
+            tensor.mul_(keep.to(tensor))
+            for opt in optimizers:
+                for value in opt.state.get(tensor, {}).values():
+                    if isinstance(value, Tensor) and value.shape == tensor.shape:
+                        value.mul_(keep.to(value))
+
+
+def hold_dependents(model: nn.Module, dependents: dict[str, list[str]]) -> list[RemovableHandle]:
+    """Gradient hooks that keep the dependents of pruned channels at zero: each gradient is multiplied
+    by its layer's channel mask, read from the mask buffer at every backward (all ones before pruning)."""
+    # The parametrization, not its mask: moving the model to a device replaces the buffer object.
+    owners = {name: p for name, _, p in iter_masked(model)}
+    handles = []
+    for layer, norms in dependents.items():
+        owner = owners[layer]
+        for tensor in dependent_tensors(model, layer, norms):
+            if tensor.requires_grad:
+                handles.append(tensor.register_hook(lambda g, p=owner: g * channel_keep(p.mask).to(g.dtype)))
+    return handles
