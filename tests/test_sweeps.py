@@ -311,7 +311,9 @@ def test_wandb_mode_never_prompts_nor_hangs(monkeypatch: pytest.MonkeyPatch, cap
     import socket
     import time
 
-    for key in ("WANDB_MODE", "WANDB_API_KEY", "HTTPS_PROXY", "https_proxy"):
+    for key in ("WANDB_MODE", "WANDB_API_KEY", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(key, raising=False)
+    for key in ("NO_PROXY", "no_proxy", "REQUEST_METHOD"):
         monkeypatch.delenv(key, raising=False)
     assert sweep.wandb_mode() == "offline"
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
@@ -326,8 +328,26 @@ def test_wandb_mode_never_prompts_nor_hangs(monkeypatch: pytest.MonkeyPatch, cap
         assert sweep.wandb_mode(timeout=2.0) == "offline"
     assert time.perf_counter() - start < 3.0
     assert "does not answer" in caplog.text and "logging OFFLINE" in caplog.text and "wandb sync" in caplog.text
+    # a port that never answers: the probe gives the socket its timeout (and says offline)
+    calls: list[float | None] = []
+
+    def hanging(address: tuple[str, int], timeout: float | None = None) -> socket.socket:
+        calls.append(timeout)
+        raise TimeoutError("timed out")
+
+    with monkeypatch.context() as m:
+        m.setattr(socket, "create_connection", hanging)
+        assert sweep.wandb_mode(timeout=2.0) == "offline" and calls == [2.0]
+    # the client goes through the proxy of the server's scheme, unless NO_PROXY lists the server
     monkeypatch.setenv("HTTPS_PROXY", "proxy.example:3128")
-    assert sweep._wandb_endpoint() == ("proxy.example", 3128)  # the client goes through the proxy
+    monkeypatch.setenv("WANDB_BASE_URL", "https://api.wandb.ai")
+    assert sweep._wandb_endpoint() == ("proxy.example", 3128)
+    monkeypatch.setenv("NO_PROXY", "localhost,.wandb.ai")
+    assert sweep._wandb_endpoint() == ("api.wandb.ai", 443)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://wandb.internal:8080")
+    assert sweep._wandb_endpoint() == ("wandb.internal", 8080)  # an http server: HTTPS_PROXY is not its proxy
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:8000")
+    assert sweep._wandb_endpoint() == ("proxy.example", 8000)
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert sweep.wandb_mode() == "disabled"
 

@@ -258,15 +258,19 @@ def wandb_mode(timeout: float = 5.0) -> str:
 
 
 def _wandb_endpoint() -> tuple[str, int]:
-    """Where the W&B client connects first: the HTTPS proxy if one is set, else the server."""
+    """Where the W&B client (``requests``) connects first: the proxy of the server URL's scheme
+    (``HTTPS_PROXY``/``HTTP_PROXY``), unless ``NO_PROXY`` lists the server; else the server."""
+    import urllib.request
     from urllib.parse import urlsplit
 
-    for key in ("HTTPS_PROXY", "https_proxy"):
-        if os.environ.get(key):
-            url = urlsplit(os.environ[key] if "://" in os.environ[key] else f"http://{os.environ[key]}")
-            return url.hostname or "", url.port or 80
     url = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
-    return url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    host = url.hostname or ""
+    proxies = urllib.request.getproxies_environment()
+    proxy = proxies.get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass_environment(host, proxies):
+        purl = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        return purl.hostname or "", purl.port or 80
+    return host, url.port or (443 if url.scheme == "https" else 80)
 
 
 def _reachable(host: str, port: int, timeout: float) -> bool:
