@@ -150,8 +150,10 @@ def test_sre_loss_matches_definition() -> None:
     expected = ((pc - onehot) ** 2).sum(1).mean() + 2.0 * ((pa - pc) ** 2).sum(1).mean()
     assert torch.allclose(SRE(lam=2.0)(lc, la, y), expected)
     assert torch.allclose(SRE().attack_loss(la, lc, y), ((pa - pc) ** 2).sum(1).mean())
-    full = SRE(attack_target="sre").attack_loss(la, lc, y)
-    assert torch.allclose(full, ((pa - pc) ** 2).sum(1).mean() + ((pa - onehot) ** 2).sum(1).mean())
+    # attack_target=sre: all of L_SRE(W, x~, y) = ||f(x~) - y||^2 + lam ||f(x~) - f(x)||^2, lam included
+    for lam in (6.0, 0.5):
+        full = SRE(lam=lam, attack_target="sre").attack_loss(la, lc, y)
+        assert torch.allclose(full, ((pa - onehot) ** 2).sum(1).mean() + lam * ((pa - pc) ** 2).sum(1).mean())
     assert torch.allclose(CrossEntropyAT()(None, la, y), nn.functional.cross_entropy(la, y))
     with pytest.raises(ValueError, match="attack_target"):
         SRE(attack_target="kl")

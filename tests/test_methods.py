@@ -195,6 +195,21 @@ def test_mart_by_hand() -> None:
     assert mart.attack_loss(ADV, CLEAN, Y).item() == pytest.approx(expected_attack, rel=1e-6)
 
 
+@pytest.mark.parametrize("objective", [SRE(), SRE(attack_target="sre"), TRADES(), MART()], ids=repr)
+def test_objectives_compute_in_fp32_under_cpu_bf16_autocast(objective: SRE | TRADES | MART) -> None:
+    """CPU autocast keeps softmax / log_softmax in bf16 (CUDA's upcasts them): the losses of bf16 logits
+    must still be the fp32 losses of the same logits, not ones of probabilities rounded to 3 digits."""
+    torch.manual_seed(0)
+    clean, adv = torch.randn(32, 10).bfloat16(), torch.randn(32, 10).bfloat16()
+    y = torch.randint(0, 10, (32,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = (objective(clean, adv, y), objective.attack_loss(adv, clean, y))
+    want = (objective(clean.float(), adv.float(), y), objective.attack_loss(adv.float(), clean.float(), y))
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == torch.float32
+        assert g.item() == pytest.approx(w.item(), rel=1e-6)
+
+
 @pytest.mark.parametrize("cls", [TRADES, MART])
 def test_objectives_validate_beta(cls: type) -> None:
     with pytest.raises(ValueError, match=r"method\.objective\.beta"):
@@ -318,6 +333,45 @@ def test_lwm_validates_end_epoch(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"pruning\.end_epoch=4 must be < trainer\.max_epochs=4"):
         pruning.setup(trainer, Tiny(), "fit")
     assert GradualPruning(sparsity=0.9, epoch=30).final_epoch(100) == 65
+
+
+def test_lwm_fails_before_training_when_its_final_step_cannot_run(tmp_path: Path) -> None:
+    """Unlimited epochs without end_epoch, or a max_steps that stops before end_epoch, fail at the start
+    (not mid-run, and not with a model exported at an intermediate sparsity)."""
+    from frep_lightning import FReP
+    from frep_lightning.models import build_model
+
+    net = reparameterize_(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)), kind="none")
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+    unlimited = pl.Trainer(max_epochs=-1, max_steps=50, logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match=r"pruning\.end_epoch must be set"):
+        GradualPruning(sparsity=0.9, epoch=1).setup(unlimited, Tiny(), "fit")
+
+    module = FReP(
+        build_model("resnet18", width=4),
+        objective=CrossEntropyAT(),
+        attack=SignGradientAttack(steps=1, step_size="10/255"),
+        reparam_kind="none",
+        val_attack_steps=0,
+    )
+    pruning = GradualPruning(sparsity=0.9, epoch=1, end_epoch=3)
+    trainer = quiet_trainer(tmp_path, [pruning], max_epochs=5, max_steps=3, limit_val_batches=0)  # 1 batch/epoch
+    with pytest.raises(ValueError, match=r"pruning\.end_epoch=3 starts after optimizer step 3 .* trainer\.max_steps=3"):
+        trainer.fit(module, *tiny_loaders())
+    assert pruning.history == []
+
+
+def test_lwm_stopped_midway_says_its_sparsity() -> None:
+    pruning = GradualPruning(sparsity=0.9, epoch=1, end_epoch=3)
+    pruning.last_epoch, pruning.current_sparsity = 2, 0.5
+    trainer = pl.Trainer(max_epochs=5, logger=False, enable_progress_bar=False)
+    with pytest.warns(UserWarning, match=r"pruned to 0\.5000, NOT to the target 0\.9000"):
+        pruning.on_train_end(trainer, pl.LightningModule())
 
 
 def test_lwm_state_round_trips() -> None:

@@ -186,7 +186,7 @@ class SignGradientAttack:
 
 def FGSM(
     eps: float | str = "8/255", random_start: bool = True, step_size: float | str | None = None, bn: str = "train"
-):
+) -> SignGradientAttack:
     """FGSM with uniform random start and step eps (FReP's training attack, Alg. 1 lines 4-6)."""
     return SignGradientAttack(eps=eps, steps=1, step_size=step_size, random_start=random_start, bn=bn)
 

@@ -16,11 +16,12 @@ so the method is a callback + the PGD objective + plain weights, not a separate 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from frep_lightning.checks import check_int
@@ -131,6 +132,8 @@ class GradualPruning(RobustPruning):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.end_epoch is None and (trainer.max_epochs is None or trainer.max_epochs < 0):
+            self.final_epoch(trainer.max_epochs)  # raises now, not at pruning.epoch after hours of training
         if stage == "fit" and trainer.max_epochs is not None and trainer.max_epochs >= 0:
             end = self.final_epoch(trainer.max_epochs)
             if end >= trainer.max_epochs:
@@ -138,6 +141,34 @@ class GradualPruning(RobustPruning):
                     f"pruning.end_epoch={end} must be < trainer.max_epochs={trainer.max_epochs} "
                     "(the final sparsity would never be reached)"
                 )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Besides the first pruning step (the parent's check), a ``max_steps`` that ends training before
+        the final step fails now: the run would export a model at an intermediate sparsity."""
+        super().on_train_start(trainer, pl_module)
+        batches = trainer.num_training_batches
+        if self.pruned or trainer.max_steps < 0 or not isinstance(batches, int) or batches == 0:
+            return
+        end = self.final_epoch(trainer.max_epochs)
+        steps_before = end * math.ceil(batches / max(1, trainer.accumulate_grad_batches))
+        if trainer.max_steps <= steps_before:
+            raise ValueError(
+                f"pruning.end_epoch={end} starts after optimizer step {steps_before} ({batches} batches per epoch) "
+                f"but trainer.max_steps={trainer.max_steps}: the final sparsity {self.sparsity} would never be "
+                "reached; lower pruning.end_epoch or raise trainer.max_steps"
+            )
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Stopped between the first and the final step (max_time, early stopping): say which sparsity the
+        model has, not the parent's "dense"."""
+        if self.pruned or self.last_epoch is None:
+            super().on_train_end(trainer, pl_module)
+            return
+        rank_zero_warn(
+            f"GradualPruning: training ended at epoch {trainer.current_epoch}, before pruning.end_epoch="
+            f"{self.final_epoch(trainer.max_epochs)}: the model is pruned to {self.current_sparsity:.4f}, NOT to "
+            f"the target {self.sparsity:.4f}"
+        )
 
     def target_sparsity(self, epoch: int, max_epochs: int | None = None) -> float:
         end = self.final_epoch(max_epochs)

@@ -5,6 +5,10 @@ over x_adv) and ``__call__`` (what the optimizer minimises). A method is then a 
 objective + attack + callbacks, not a fork of the training loop. The config group ``objective``
 (``conf/objective/``) pairs each objective with its training attack: ``sre`` (FGSM-RS), ``fgsm``
 (CE, FGSM-RS), ``pgd`` (CE, PGD-10), ``trades`` and ``mart`` (PGD-10), paper Table VII.
+
+Every objective computes in float32 whatever the logits' dtype: CPU bf16 autocast (e.g.
+``trainer.precision=bf16-mixed`` on CPU) leaves softmax / log_softmax in bf16, unlike CUDA autocast,
+which would quantise the probabilities to ~3 significant digits.
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ class SRE(Objective):
 
     ``attack_target``: ``consistency`` (default) maximises the second term only, the part of
     L_SRE(W, x~, y) that depends on x~ (Alg. 1 line 6), as TRADES-style attacks do; ``sre``
-    also adds the first term evaluated at x~.
+    maximises all of L_SRE(W, x~, y): the first term evaluated at x~ plus ``lam`` times the second,
+    the same balance as the loss (a sign step is invariant to scaling the whole loss, not to
+    re-weighting its terms).
     """
 
     def __init__(self, lam: float = 6.0, attack_target: str = "consistency") -> None:
@@ -56,17 +62,17 @@ class SRE(Objective):
 
     def attack_loss(self, logits_adv: Tensor, logits_clean: Tensor | None, y: Tensor) -> Tensor:
         assert logits_clean is not None
-        p_adv = logits_adv.softmax(dim=1)
-        loss = self._sq(p_adv, logits_clean.detach().softmax(dim=1))
-        if self.attack_target == "sre":
-            loss = loss + self._sq(p_adv, F.one_hot(y, p_adv.shape[1]).to(p_adv))
-        return loss
+        p_adv = logits_adv.float().softmax(dim=1)
+        consistency = self._sq(p_adv, logits_clean.detach().float().softmax(dim=1))
+        if self.attack_target == "consistency":
+            return consistency
+        return self._sq(p_adv, F.one_hot(y, p_adv.shape[1]).to(p_adv)) + self.lam * consistency
 
     def __call__(self, logits_clean: Tensor | None, logits_adv: Tensor, y: Tensor) -> Tensor:
         assert logits_clean is not None
-        p_clean = logits_clean.softmax(dim=1)
+        p_clean = logits_clean.float().softmax(dim=1)
         natural = self._sq(p_clean, F.one_hot(y, p_clean.shape[1]).to(p_clean))
-        return natural + self.lam * self._sq(logits_adv.softmax(dim=1), p_clean)
+        return natural + self.lam * self._sq(logits_adv.float().softmax(dim=1), p_clean)
 
 
 class CrossEntropyAT(Objective):
@@ -107,7 +113,10 @@ class TRADES(_BetaWeighted):
     def kl(logits_ref: Tensor, logits_adv: Tensor) -> Tensor:
         """KL(softmax(ref) || softmax(adv)) summed over classes, averaged over the batch."""
         return F.kl_div(
-            logits_adv.log_softmax(dim=1), logits_ref.log_softmax(dim=1), reduction="batchmean", log_target=True
+            logits_adv.float().log_softmax(dim=1),
+            logits_ref.float().log_softmax(dim=1),
+            reduction="batchmean",
+            log_target=True,
         )
 
     def attack_loss(self, logits_adv: Tensor, logits_clean: Tensor | None, y: Tensor) -> Tensor:
@@ -116,7 +125,7 @@ class TRADES(_BetaWeighted):
 
     def __call__(self, logits_clean: Tensor | None, logits_adv: Tensor, y: Tensor) -> Tensor:
         assert logits_clean is not None
-        return F.cross_entropy(logits_clean, y) + self.beta * self.kl(logits_clean, logits_adv)
+        return F.cross_entropy(logits_clean.float(), y) + self.beta * self.kl(logits_clean, logits_adv)
 
 
 class MART(_BetaWeighted):
@@ -136,6 +145,7 @@ class MART(_BetaWeighted):
 
     def __call__(self, logits_clean: Tensor | None, logits_adv: Tensor, y: Tensor) -> Tensor:
         assert logits_clean is not None
+        logits_clean, logits_adv = logits_clean.float(), logits_adv.float()
         p_adv = logits_adv.softmax(dim=1)
         # the most likely wrong class under attack
         wrong = p_adv.masked_fill(F.one_hot(y, p_adv.shape[1]).bool(), float("-inf")).argmax(dim=1)
