@@ -34,6 +34,7 @@ def write_run(
         "model": {"name": "resnet18"},
         "data": {"name": "cifar10"},
         "pruning": pruning,
+        "eval": {"eps": "8/255"},
     }
     OmegaConf.save(OmegaConf.create(config), path / "config.yaml")
     base = {"method": method, "model": "resnet18", "dataset": "cifar10", "sparsity_target": sparsity or 0.0}
@@ -120,7 +121,7 @@ def fake_sweep(tmp_path: Path) -> tuple[Path, Path]:
         "frep",
         0.99,
         summary={"clean_acc": 0.79, "pgd_acc": 0.47, "pgd_steps": 10, "sparsity": 0.99, "train_seconds": 620.0},
-        evaluation={"clean": 0.79, "pgd50": 0.47, "aa": 0.411, "sparsity": 0.99},
+        evaluation={"clean": 0.79, "pgd50": 0.47, "aa": 0.411, "sparsity": 0.99, "eps": 8 / 255},
     )
     for q, acc in ((100, 0.6), (1000, 0.5)):  # frep-eval attacks=[square] queries=q output=eval_square_q<q>.json
         report = {"square": acc, "attack_settings": {"square": {"queries": q}}, "seconds": {"square": 99.0}}
@@ -332,11 +333,12 @@ def test_autoattack_from_a_separate_subset_eval_gets_its_column_and_its_sample_s
         "pgd50": 0.21,
         "worst_case": 0.208,
         "attacks": ["fgsm", "pgd50"],
+        "eps": 8 / 255,
     }
     write_run(
         tmp_path / "r", ["method=frep"], "frep", 0.99, {"clean_acc": 0.50, "pgd_acc": 0.22, "n_test": 10000}, evaluation
     )
-    aa = {"n": 500, "clean": 0.9, "aa": 0.156, "worst_case": 0.01, "attacks": ["aa"]}
+    aa = {"n": 500, "clean": 0.9, "aa": 0.156, "worst_case": 0.01, "attacks": ["aa"], "eps": 8 / 255}
     (tmp_path / "r" / "eval_aa.json").write_text(json.dumps(aa))
     square = {"n": 500, "square": 0.4, "attacks": ["square"], "attack_settings": {"square": {"queries": 100}}}
     (tmp_path / "r" / "eval_square_q100.json").write_text(json.dumps(square))
@@ -350,8 +352,8 @@ def test_autoattack_from_a_separate_subset_eval_gets_its_column_and_its_sample_s
         "worst_case": 0.208,
         "aa": 0.156,
     }
-    assert run.measured()["aa"] == (0.156, 500, "eval_aa.json")
-    assert run.measured()["pgd10"] == (0.22, 10000, "summary.json")
+    assert run.measured()["aa"] == (0.156, 500, "eval_aa.json", 8 / 255)
+    assert run.measured()["pgd10"] == (0.22, 10000, "summary.json", 8 / 255)  # the run config's eval.eps
     assert run.square_curve() == {100: 0.4}
     report = write_report([tmp_path], tmp_path / "out").read_text()
     row = next(line for line in report.splitlines() if line.startswith("| frep"))
@@ -361,3 +363,167 @@ def test_autoattack_from_a_separate_subset_eval_gets_its_column_and_its_sample_s
     assert "Square" not in cells
     assert "AA 500" in report and "PGD-50 10,000" in report
     assert "AA comes from a separate evaluation (eval_aa.json)" in report
+
+
+def _row(report: str, start: str) -> dict[str, str]:
+    """The cells of the first table row that starts with ``| <start>``, by column title."""
+    lines = report.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith(f"| {start}"))
+    head = next(lines[j] for j in range(i, -1, -1) if lines[j].startswith("| Method"))
+    cells = [c.strip() for c in lines[i].split("|")]
+    return dict(zip([c.strip() for c in head.split("|")], cells, strict=True))
+
+
+def test_cells_never_average_over_eps_or_test_image_counts_and_eps_is_shown(tmp_path: Path) -> None:
+    """Two seeds of one config, one evaluated at 4/255 on 500 images: AA 44 (8/255) and 60 (4/255) are
+    not one "52.0 ± 11.3"; each number says its eps. A table of one eps says it once."""
+    summary = {"clean_acc": 0.8, "pgd_acc": 0.5, "n_test": 10000, "eps": 8 / 255}
+    aa8 = {"clean": 0.8, "aa": 0.44, "worst_case": 0.44, "n": 10000, "eps": 8 / 255}
+    aa4 = {"clean": 0.8, "aa": 0.60, "worst_case": 0.60, "n": 500, "eps": 4 / 255}
+    write_run(tmp_path / "mixed" / "a", ["seed=0"], "frep", 0.9, summary=summary, evaluation=aa8)
+    write_run(tmp_path / "mixed" / "b", ["seed=1"], "frep", 0.9, summary=summary, evaluation=aa4)
+    report = write_report([tmp_path / "mixed"], tmp_path / "out").read_text()
+    row = _row(report, "frep")
+    assert row["ε"] == "4/255, 8/255"
+    assert row["AA"] == "60.0 [ε 4/255, 500 images]; 44.0 [ε 8/255, 10,000 images]"
+    assert row["PGD-10"] == "50.0 ± 0.0 (n=2) [ε 8/255]"
+    assert "52.0" not in report
+
+    write_run(tmp_path / "one" / "a", ["seed=0"], "frep", 0.9, summary=summary, evaluation=aa8)
+    report = write_report([tmp_path / "one"], tmp_path / "out1").read_text()
+    assert "ε" not in _row(report, "frep") and "L-inf ε = 8/255 for every robust number." in report
+
+
+def test_runs_of_sweeps_that_differ_in_a_fixed_override_are_not_seeds_of_one_row(tmp_path: Path) -> None:
+    """table4 (unstructured) and table4_structured share the 70% target: their runs must not be averaged
+    as seeds, nor two sweeps run for 100 and 6 epochs; two seeds within a sweep still are."""
+    for name, task, pgd in (
+        ("t4", "experiment=table4", (0.30, 0.32)),
+        ("t4s", "experiment=table4_structured", (0.20,)),
+    ):
+        sweep = tmp_path / name
+        sweep.mkdir()
+        params = {"hydra": {"sweeper": {"params": {"seed": "0,1"}}, "overrides": {"task": [task, "method=frep"]}}}
+        OmegaConf.save(OmegaConf.create(params), sweep / "multirun.yaml")
+        for seed, acc in enumerate(pgd):
+            write_run(sweep / str(seed), [task, "method=frep", f"seed={seed}"], "frep", 0.7, {"pgd_acc": acc})
+    report = write_report([tmp_path / "t4", tmp_path / "t4s"], tmp_path / "out").read_text()
+    assert _row(report, "frep experiment=table4 ")["PGD-10"] == "31.0 ± 1.4 (n=2)"
+    assert _row(report, "frep experiment=table4_structured")["PGD-10"] == "20.0"
+    missing = report.split("## Missing", 1)[1]  # t4s seed=1 was asked for and never ran: said so
+    assert "- sweep `t4s`: `seed=1 experiment=table4_structured method=frep`: no run directory" in missing
+
+
+def test_unfinished_runs_are_listed_when_the_sweep_job_list_is_unreadable(tmp_path: Path) -> None:
+    sweep = tmp_path / "sw"
+    sweep.mkdir()
+    (sweep / "multirun.yaml").write_text("hydra: [broken\n")
+    write_run(sweep / "0-frep", ["method=frep"], "frep", 0.9, summary={"clean_acc": 0.8, "pgd_acc": 0.4})
+    write_run(sweep / "1-lwm", ["method=lwm"], "lwm", 0.9)  # crashed
+    report = write_report([sweep], tmp_path / "out").read_text()
+    missing = report.split("## Missing", 1)[1]
+    assert f"run `{sweep / '1-lwm'}`: no summary.json / eval.json" in missing
+    assert "sweep `sw`: cannot read the job list" in missing
+
+
+def test_figures_survive_an_unreadable_model_and_a_metrics_csv_without_curves(tmp_path: Path) -> None:
+    """A truncated model.pt and a metrics.csv with no curve column are listed under Missing: no crash, no
+    empty Fig. 5 (and no matplotlib warning, an error under this suite's filterwarnings)."""
+    write_run(
+        tmp_path / "r", [], "frep", 0.9, {"clean_acc": 0.8, "pgd_acc": 0.4}, metrics="epoch,step,train/loss\n0,1,2\n"
+    )
+    (tmp_path / "r" / "model.pt").write_bytes(b"\x80\x02 truncated")
+    out = tmp_path / "out"
+    missing = write_report([tmp_path / "r"], out).read_text().split("## Missing", 1)[1]
+    assert f"{tmp_path / 'r'} (model.pt unreadable: " in missing
+    assert f"{tmp_path / 'r'} (metrics.csv has no val/pgd<k>" in missing
+    assert not list(out.glob("fig5_*.png")) and not list(out.glob("fig7_*.png"))
+
+
+def test_fig8_puts_a_run_at_its_measured_sparsity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 99%-target run whose pruning never happened (measured 0%) is drawn at 0%, not at 99%."""
+    import frep_lightning.report as report_module
+
+    write_run(tmp_path / "a", [], "frep", 0.99, summary={"clean_acc": 0.8, "pgd_acc": 0.5, "sparsity": 0.0})
+    write_run(tmp_path / "b", [], "frep", 0.9, summary={"clean_acc": 0.8, "pgd_acc": 0.45, "sparsity": 0.9004})
+    figures = {}
+    save = report_module._save
+    monkeypatch.setattr(
+        report_module, "_save", lambda fig, path: figures.setdefault(path.name, fig) and save(fig, path)
+    )
+    write_report([tmp_path], tmp_path / "out")
+    (ax,) = figures["fig8_robust_vs_sparsity.png"].axes
+    (line,) = ax.lines
+    assert [round(x, 2) for x in line.get_xdata()] == [0.0, 90.04]
+    assert ax.get_xlabel() == "measured sparsity (%)" and ax.get_ylabel() == "pgd10 accuracy (%), ε 8/255"
+
+
+def test_a_cell_says_when_only_some_seeds_have_it(tmp_path: Path) -> None:
+    """AA on one seed of two: the row's other cells average two runs, this one stands on one and says so."""
+    summary = {"clean_acc": 0.8, "pgd_acc": 0.5, "n_test": 10000, "eps": 8 / 255}
+    write_run(
+        tmp_path / "a", ["seed=0"], "frep", 0.9, summary=summary, evaluation={"aa": 0.44, "n": 10000, "eps": 8 / 255}
+    )
+    write_run(tmp_path / "b", ["seed=1"], "frep", 0.9, summary=summary)
+    row = _row(write_report([tmp_path], tmp_path / "out").read_text(), "frep")
+    assert row["AA"] == "44.0 (1 of 2 runs)" and row["PGD-10"] == "50.0 ± 0.0 (n=2)"
+
+
+def test_report_carries_catastrophic_overfitting_and_every_eval_files_warnings(tmp_path: Path) -> None:
+    """The monitor's verdict (summary.json overfitting_epochs) and an eval_*.json warning reach report.md."""
+    write_run(
+        tmp_path / "r", [], "fgsm", 0.9, summary={"clean_acc": 0.8, "pgd_acc": 0.02, "overfitting_epochs": [3, 4]}
+    )
+    aa = {"n": 500, "aa": 0.01, "eps": 8 / 255, "warnings": ["gradient masking suspected: AA far below PGD"]}
+    (tmp_path / "r" / "eval_aa.json").write_text(json.dumps(aa))
+    report = write_report([tmp_path / "r"], tmp_path / "out").read_text()
+    assert "### Catastrophic overfitting" in report and "collapsed at epoch(s) 3, 4" in report
+    assert "eval_aa.json: gradient masking suspected: AA far below PGD" in report
+    assert json.loads((tmp_path / "out" / "report.json").read_text())[0]["overfitting_epochs"] == [3, 4]
+
+
+def test_fig6_lines_of_two_datasets_say_which(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import frep_lightning.report as report_module
+
+    for dataset in ("cifar10", "svhn"):
+        run = tmp_path / dataset
+        write_run(run, [f"data={dataset}"], "frep", 0.9, summary={"clean_acc": 0.8, "pgd_acc": 0.5, "dataset": dataset})
+        for q, acc in ((100, 0.6), (1000, 0.5)):
+            square = {"square": acc, "eps": 8 / 255, "attack_settings": {"square": {"queries": q}}}
+            (run / f"eval_square_q{q}.json").write_text(json.dumps(square))
+    figures = {}
+    save = report_module._save
+    monkeypatch.setattr(
+        report_module, "_save", lambda fig, path: figures.setdefault(path.name, fig) and save(fig, path)
+    )
+    write_report([tmp_path], tmp_path / "out")
+    labels = [line.get_label() for line in figures["fig6_square_queries.png"].axes[0].lines]
+    assert labels == ["frep ResNet-18 (90%) CIFAR-10", "frep ResNet-18 (90%) SVHN"]
+
+
+def test_summary_square_at_a_smaller_budget_is_a_curve_point_not_the_square_column(tmp_path: Path) -> None:
+    """eval.attacks=[square] with eval.queries=500: summary.json's square_acc is a 500-query number (it does not
+    record the budget; the run config does); it must not stand under "Square: 5,000 queries"."""
+    write_run(tmp_path / "r", [], "frep", 0.9, summary={"clean_acc": 0.8, "pgd_acc": 0.4, "square_acc": 0.6})
+    config = OmegaConf.load(tmp_path / "r" / "config.yaml")
+    config.eval.queries = 500
+    OmegaConf.save(config, tmp_path / "r" / "config.yaml")
+    (run,) = collect([tmp_path / "r"])[0]
+    assert "square" not in run.accuracies() and run.square_curve() == {500: 0.6}
+    config.eval.queries = 5000
+    OmegaConf.save(config, tmp_path / "r" / "config.yaml")
+    (run,) = collect([tmp_path / "r"])[0]
+    assert run.accuracies()["square"] == 0.6
+
+
+def test_a_custom_autoattack_subset_never_stands_in_the_aa_column(tmp_path: Path) -> None:
+    """frep-eval aa.version=custom aa.components=[apgd-ce]: weaker than AutoAttack, so its own column."""
+    settings = {"aa": {"eps": 8 / 255, "version": "custom", "components": ["apgd-ce"], "seed": 0}}
+    evaluation = {"clean": 0.8, "aa": 0.47, "worst_case": 0.47, "n": 1000, "eps": 8 / 255, "attack_settings": settings}
+    write_run(tmp_path / "r", [], "frep", 0.9, summary={"clean_acc": 0.8, "pgd_acc": 0.5}, evaluation=evaluation)
+    (run,) = collect([tmp_path / "r"])[0]
+    assert "aa" not in run.accuracies() and run.accuracies()["aa_custom"] == 0.47
+    report = write_report([tmp_path / "r"], tmp_path / "out").read_text()
+    row = _row(report, "frep")
+    assert "AA" not in row and row["AA (custom)"] == "47.0"
+    assert "AA (custom): AutoAttack with aa.version=custom" in report

@@ -4,6 +4,11 @@ FGSM-style training can collapse silently: FGSM accuracy keeps rising while PGD 
 ~0 within an epoch. Each epoch this callback measures PGD accuracy of the *live* model on a fixed,
 unaugmented subset of training images (``datamodule.train_subset_loader``), logs it as
 ``train/pgd_subset``, and warns loudly when it falls below ``collapse_ratio`` of its best value.
+
+The measurement is a pure function of the weights: eval mode (BatchNorm running statistics neither
+used for batch statistics nor updated), the same PGD random start every epoch from the monitor's own
+generator, and the global RNG streams left as they were, so that switching the monitor on or off does
+not change the training run it watches.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from frep_lightning.attacks import PGD, PRECISIONS, attack_precision, cross_entropy_loss, eval_mode
 from frep_lightning.checks import check_choice, check_int
+
+RANDOM_START_SEED = 0  # the PGD random start: one fixed draw, so epochs differ only by their weights
 
 
 class RobustnessMonitor(Callback):
@@ -47,31 +54,46 @@ class RobustnessMonitor(Callback):
         self.best = 0.0
         self.history: list[float] = []
         self.collapsed_epochs: list[int] = []
+        self.collapsed = False  # below the threshold at the last measurement: warned already
+        self._warned_no_loader = False
 
     def observe(self, acc: float, epoch: int) -> bool:
-        """Record one measurement; True (and a loud warning) when it looks like a collapse."""
+        """Record one measurement; True when it looks like a collapse (every such epoch is in
+        ``collapsed_epochs``), with a loud warning on the first epoch of each collapse only: a run that
+        stays collapsed for 50 epochs gets one warning, not 50 that bury it."""
         self.history.append(acc)
         collapsed = self.best >= self.min_best and acc < self.collapse_ratio * self.best
         self.best = max(self.best, acc)
         if collapsed:
             self.collapsed_epochs.append(epoch)
+        if collapsed and not self.collapsed:
             rank_zero_warn(
                 f"CATASTROPHIC OVERFITTING suspected at epoch {epoch}: PGD-{self.attack.steps} accuracy on "
                 f"{self.n_images} training images fell to {acc:.3f} from a best of {self.best:.3f}. Single-step "
                 "robustness is no longer real; check the attack (random start, step size) and the objective."
             )
+        self.collapsed = collapsed
         return collapsed
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loader_fn = getattr(trainer.datamodule, "train_subset_loader", None) if trainer.datamodule else None
         if loader_fn is None:
+            if not self._warned_no_loader:  # off is never silent: nobody watches for catastrophic overfitting
+                rank_zero_warn(
+                    "RobustnessMonitor: the trainer has no datamodule with train_subset_loader(n, batch_size); "
+                    "catastrophic overfitting is NOT being watched in this run"
+                )
+                self._warned_no_loader = True
             return
+        device = pl_module.device
+        generator = torch.Generator(device=device).manual_seed(RANDOM_START_SEED)
         correct = total = 0
-        with eval_mode(pl_module):
+        # fork_rng: whatever else draws (a loader without its own generator) leaves the training streams alone
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), eval_mode(pl_module):
             for x, y in loader_fn(self.n_images, self.batch_size):
-                x, y = x.to(pl_module.device), y.to(pl_module.device)
+                x, y = x.to(device), y.to(device)
                 with attack_precision(self.precision, x.device):
-                    x_adv = self.attack.perturb(pl_module, x, cross_entropy_loss(y))
+                    x_adv = self.attack.perturb(pl_module, x, cross_entropy_loss(y), generator=generator)
                 with torch.no_grad():
                     correct += int((pl_module(x_adv).argmax(1) == y).sum())
                 total += len(y)
@@ -80,9 +102,15 @@ class RobustnessMonitor(Callback):
         self.observe(acc, trainer.current_epoch)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "history": self.history, "collapsed_epochs": self.collapsed_epochs}
+        return {
+            "best": self.best,
+            "history": self.history,
+            "collapsed_epochs": self.collapsed_epochs,
+            "collapsed": self.collapsed,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best = state_dict["best"]
         self.history = list(state_dict["history"])
         self.collapsed_epochs = list(state_dict["collapsed_epochs"])
+        self.collapsed = bool(state_dict.get("collapsed", False))  # older checkpoints: at worst one more warning

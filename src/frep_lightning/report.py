@@ -15,6 +15,9 @@ writes ``report.md`` with
 
 Numbers come from ``eval.json`` when present (the full ``frep-eval`` attacks), else from
 ``summary.json`` (clean and PGD-``eval.pgd_steps`` of the same exported file); each row says which.
+Seeds of one configuration (runs that differ in no override but ``seed``) share a row as mean ± std;
+a cell never averages numbers of different L-inf eps or test-image counts, and the eps of every
+robust number is stated (once per table, or per row and cell where they differ).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from omegaconf import OmegaConf
 
@@ -42,12 +45,18 @@ ATTACKS: tuple[tuple[str, str], ...] = (
     ("mim50", "MIM-50"),
     ("square", "Square"),
     ("aa", "AA"),
+    ("aa_custom", "AA (custom)"),  # aa.version=custom: a subset of AutoAttack, never under "AA"
     ("worst_case", "Worst case"),
 )
 ROBUST_PREFERENCE = ("aa", "pgd50", "worst_case", "mim50", "pgd20", "pgd10", "square", "fgsm")
 METHOD_ORDER = ("dense_at", "ori", "sparse_init", "fgsm", "lwm", "frep_ch", "frep")
 # sweep keys that place a run in a table (group / row position) rather than naming a variant
 PLACEMENT_KEYS = ("data", "model", "method", "pruning.sparsity", "seed", "experiment")
+# overrides that place a run in its row already (dataset, model, method, target) or change no number: two runs
+# that differ in any other override are two rows, never two seeds of one (e.g. experiment=table4 vs
+# experiment=table4_structured at 70%, or two sweeps with different trainer.max_epochs)
+ROW_KEYS = ("data", "model", "method", "pruning.sparsity")
+NEUTRAL_KEYS = ("seed", "logger", "ckpt_path", "run_dir", "data.root", "data.cache_dir", "data.num_workers")
 NAMES = {
     "cifar10": "CIFAR-10",
     "cifar100": "CIFAR-100",
@@ -98,6 +107,28 @@ def _override_key(override: str) -> str:
 
 def _override_value(override: str) -> str:
     return override.split("=", 1)[1] if "=" in override else ""
+
+
+class Number(NamedTuple):
+    """One accuracy of a run and what it stands on: test images, the file it came from, the L-inf eps."""
+
+    value: float
+    n: int | None
+    file: str
+    eps: float | None
+
+
+def _eps_of(data: dict[str, Any]) -> float | None:
+    eps = data.get("eps")
+    return float(eps) if isinstance(eps, (int, float)) and not isinstance(eps, bool) else None
+
+
+def eps_text(eps: float | None) -> str:
+    """8/255 as ``8/255`` (what configs and the paper say), other radii as numbers, unknown as ``?``."""
+    if eps is None or not math.isfinite(eps):
+        return "?"
+    k = eps * 255
+    return f"{round(k, 1):g}/255" if abs(k - round(k, 1)) < 1e-6 else f"{eps:.4g}"
 
 
 @dataclass
@@ -156,44 +187,80 @@ class Run:
         extra = [f"{'.'.join(k.split('.')[-2:])}={given[k]}" for k in self.variant_keys if k in given]
         return " ".join([self.method, *extra])
 
-    def measured(self) -> dict[str, tuple[float, int | None, str]]:
-        """Attack name -> (accuracy in [0, 1], test images behind it, file): eval.json first, then
+    def summary_eps(self) -> float | None:
+        """The radius of summary.json's attacks (older summaries lack ``eps``: the run config's ``eval.eps``)."""
+        if self.summary is not None and _eps_of(self.summary) is not None:
+            return _eps_of(self.summary)
+        from frep_lightning.attacks import parse_eps
+
+        try:
+            return parse_eps(_select(self.config, "eval.eps"), "eval.eps")
+        except ValueError:
+            return None
+
+    def summary_square_queries(self) -> int | None:
+        """Square's budget behind summary.json's ``square_acc``: the run config's ``eval.queries`` (summary.json
+        does not record it, and ``eval.queries=500`` must not pass for the 5,000-query column)."""
+        queries = _select(self.config, "eval.queries")
+        return queries if isinstance(queries, int) and not isinstance(queries, bool) else None
+
+    def summary_square_standard(self) -> bool:
+        return self.summary_square_queries() in (None, SQUARE_STANDARD_QUERIES)
+
+    def measured(self) -> dict[str, Number]:
+        """Attack name -> :class:`Number` (accuracy in [0, 1], test images, file, eps): eval.json first, then
         summary.json, then attacks that only an extra ``eval_*.json`` has (e.g. AutoAttack on a subset)."""
-        out: dict[str, tuple[float, int | None, str]] = {}
+        out: dict[str, Number] = {}
         if self.summary is not None:
             n = self.summary.get("n_test") if isinstance(self.summary.get("n_test"), int) else None
+            eps = self.summary_eps()
             acc: dict[str, float] = {}
             if isinstance(self.summary.get("clean_acc"), (int, float)):
                 acc["clean"] = float(self.summary["clean_acc"])
             if isinstance(self.summary.get("pgd_acc"), (int, float)):
                 acc[f"pgd{int(self.summary.get('pgd_steps') or 10)}"] = float(self.summary["pgd_acc"])
             acc.update(_attack_numbers(self.summary))
+            if "aa" in acc and _select(self.config, "eval.aa.version") == "custom":
+                acc["aa_custom"] = acc.pop("aa")
             for key, value in self.summary.items():  # frep-train's eval.attacks: <name>_acc
                 name = key[: -len("_acc")]
                 if key.endswith("_acc") and name not in ("clean", "pgd") and isinstance(value, (int, float)):
                     acc[name] = float(value)
-            out.update({name: (value, n, "summary.json") for name, value in acc.items() if _counts(self.summary, name)})
+            out.update(
+                {name: Number(value, n, "summary.json", eps) for name, value in acc.items()
+                 if _counts(self.summary, name) and (name != "square" or self.summary_square_standard())}
+            )  # fmt: skip
         if self.evaluation is not None:
             n = self.evaluation.get("n") if isinstance(self.evaluation.get("n"), int) else None
+            eps = _eps_of(self.evaluation)
             out.update(
-                {name: (value, n, "eval.json") for name, value in _attack_numbers(self.evaluation).items()
-                 if _counts(self.evaluation, name)}
+                {_aa_name(self.evaluation, name): Number(value, n, "eval.json", eps)
+                 for name, value in _attack_numbers(self.evaluation).items() if _counts(self.evaluation, name)}
             )  # fmt: skip
         for file, extra in self.extra_evals.items():
             n = extra.get("n") if isinstance(extra.get("n"), int) else None
             for name, value in _attack_numbers(extra).items():
+                name = _aa_name(extra, name)
                 if name not in out and _extra_attack_counts(extra, name):
-                    out[name] = (value, n, file)
+                    out[name] = Number(value, n, file, _eps_of(extra))
         return out
 
     def accuracies(self) -> dict[str, float]:
         """Attack name -> accuracy in [0, 1] (see :meth:`measured`)."""
-        return {name: value for name, (value, _, _) in self.measured().items()}
+        return {name: number.value for name, number in self.measured().items()}
+
+    def robust_eps(self) -> set[float | None]:
+        """The radii of this run's robust numbers (clean has none)."""
+        return {number.eps for name, number in self.measured().items() if name != "clean"}
 
     def square_curve(self) -> dict[int, float]:
         """Square accuracy by query budget: ``square_q<N>`` keys, a ``square_queries`` mapping, or
         the ``square`` result of every ``eval*.json`` with its ``attack_settings.square.queries``."""
         curve: dict[int, float] = {}
+        square_acc = None if self.summary is None else self.summary.get("square_acc")
+        summary_queries = self.summary_square_queries()
+        if isinstance(square_acc, (int, float)) and summary_queries is not None:
+            curve[summary_queries] = float(square_acc)  # eval.attacks=[square] at eval.queries
         for source in (self.summary, self.evaluation, *self.extra_evals.values()):
             if source is None:
                 continue
@@ -256,6 +323,13 @@ def _attack_numbers(data: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _aa_name(source: dict[str, Any], name: str) -> str:
+    """``aa_custom`` for an AutoAttack run with ``aa.version=custom`` (some of its attacks only: weaker than
+    standard AA, so never in the AA column), else ``name``."""
+    settings = (source.get("attack_settings") or {}).get("aa") or {}
+    return "aa_custom" if name == "aa" and settings.get("version") == "custom" else name
+
+
 def _counts(source: dict[str, Any], name: str) -> bool:
     """Whether a file's number may stand in its table column: Square only at the standard budget, from any
     file (other budgets are points of the queries curve, Fig. 6, not "Square" beside standard results)."""
@@ -300,6 +374,7 @@ class Sweep:
     expected: list[list[str]]
     varying: tuple[str, ...]
     runs: list[Run] = field(default_factory=list)
+    error: str | None = None  # why the job list could not be read (then only the runs found are known)
 
     def missing(self) -> list[tuple[list[str], str]]:
         """(overrides, reason) for every expected job without a finished run."""
@@ -341,12 +416,14 @@ def collect(paths: Iterable[str | Path], max_depth: int = 4) -> tuple[list[Run],
 
     def walk(path: Path, depth: int) -> None:
         if (path / "multirun.yaml").is_file() and path not in sweeps:
+            error = None
             try:
                 jobs, varying = expected_jobs(path / "multirun.yaml")
             except Exception as err:  # a foreign/broken multirun.yaml: still report its runs
-                print(f"frep-report: cannot read the job list of {path / 'multirun.yaml'}: {err}", file=sys.stderr)
+                error = f"cannot read the job list of {path / 'multirun.yaml'}: {str(err).splitlines()[0]}"
+                print(f"frep-report: {error}", file=sys.stderr)
                 jobs, varying = [], ()
-            sweeps[path] = Sweep(path=path, expected=jobs, varying=varying)
+            sweeps[path] = Sweep(path=path, expected=jobs, varying=varying, error=error)
         if is_run_dir(path) and path not in runs:
             runs[path] = load_run(path)
             return
@@ -362,24 +439,25 @@ def collect(paths: Iterable[str | Path], max_depth: int = 4) -> tuple[list[Run],
         if not path.is_dir():
             raise FileNotFoundError(f"frep-report: {p} is not a directory")
         walk(path, 0)
-    in_sweep: set[Path] = set()
+    sweep_keys: dict[Path, tuple[str, ...]] = {}
     for sweep in sweeps.values():
         keys = tuple(k for k in sweep.varying if k not in PLACEMENT_KEYS)
         for run in runs.values():
             if sweep.path in run.path.parents:
-                run.variant_keys = keys
+                sweep_keys[run.path] = keys
                 sweep.runs.append(run)
-                in_sweep.add(run.path)
-    loose = [r for r in runs.values() if r.path not in in_sweep]
-    for run in loose:
-        run.variant_keys = loose_variant_keys(run, loose)
-    return list(runs.values()), list(sweeps.values())
+    everything = list(runs.values())
+    for run in everything:
+        own = sweep_keys.get(run.path, ())
+        run.variant_keys = own + tuple(k for k in loose_variant_keys(run, everything) if k not in own)
+    return everything, list(sweeps.values())
 
 
 def loose_variant_keys(run: Run, runs: list[Run]) -> tuple[str, ...]:
-    """Runs outside a sweep: the override keys whose values differ between runs placed in the same
-    table row (same dataset, model, method, sparsity target), so that e.g. two single runs with
-    ``ensemble.average=factors`` and ``=product`` are two rows, not two seeds of one."""
+    """The override keys whose values differ between ``run`` and another run placed in the same table row
+    (same dataset, model, method, sparsity target), in a sweep or not, so that e.g. two single runs with
+    ``ensemble.average=factors`` and ``=product``, or the 70% runs of ``experiment=table4`` and
+    ``experiment=table4_structured``, are two rows, not two seeds of one."""
     place = (run.dataset, run.model, run.method, run.sparsity_target)
     mine = {_override_key(o): _override_value(o) for o in run.overrides}
     keys: set[str] = set()
@@ -388,7 +466,7 @@ def loose_variant_keys(run: Run, runs: list[Run]) -> tuple[str, ...]:
             continue
         theirs = {_override_key(o): _override_value(o) for o in other.overrides}
         keys |= {k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k)}
-    return tuple(sorted(k for k in keys if k not in PLACEMENT_KEYS and not k.startswith("hydra")))
+    return tuple(sorted(k for k in keys if k not in ROW_KEYS + NEUTRAL_KEYS and not k.startswith("hydra")))
 
 
 # -- tables ------------------------------------------------------------------------------
@@ -419,23 +497,52 @@ def grouped(runs: Sequence[Run]) -> dict[tuple[str, str], dict[tuple[float, str]
     return groups
 
 
+def _cell(numbers: Sequence[Number], runs: int, tag_eps: bool) -> str:
+    """The runs' numbers for one attack, averaged only over numbers of the same eps and test-image count
+    (a mean over 4/255 and 8/255, or a tag-less mean over 500 and 10,000 images, would be a number nobody
+    measured); ``[eps ...]`` when the row mixes radii, ``[N images]`` when the cell mixes counts, and
+    ``(k of m runs)`` when not every run of the row has it."""
+    if not numbers:
+        return "–"
+    groups: dict[tuple[float | None, int | None], list[float]] = defaultdict(list)
+    for number in numbers:
+        groups[(number.eps if tag_eps else None, number.n)].append(number.value)
+    counts = {n for _, n in groups}
+    parts = []
+    for (eps, n), values in sorted(groups.items(), key=lambda g: (g[0][0] or -1.0, g[0][1] or -1)):
+        tags = [f"ε {eps_text(eps)}"] if tag_eps else []
+        tags += [f"{n:,} images" if n is not None else "? images"] if len(counts) > 1 else []
+        parts.append(_fmt(values) + (f" [{', '.join(tags)}]" if tags else ""))
+    coverage = f" ({len(numbers)} of {runs} runs)" if len(numbers) < runs else ""
+    return "; ".join(parts) + coverage
+
+
 def table_markdown(rows: dict[tuple[float, str], list[Run]]) -> str:
-    """One paper-layout table: rows method x sparsity, columns the attacks that any row has."""
-    accs = {key: [r.accuracies() for r in runs] for key, runs in rows.items()}
+    """One paper-layout table: rows method x sparsity, columns the attacks that any row has; the L-inf eps
+    of the robust numbers in a note when the whole table shares one, else in an ``ε`` column (and on every
+    robust cell of a row whose numbers do not share one)."""
+    numbers = {key: [r.measured() for r in runs] for key, runs in rows.items()}
+    accs = {key: [{k: v.value for k, v in m.items()} for m in ms] for key, ms in numbers.items()}
     present = {k for per_row in accs.values() for a in per_row for k in a}
+    row_eps = {key: {e for r in runs for e in r.robust_eps()} for key, runs in rows.items()}
+    table_eps = {e for eps in row_eps.values() for e in eps}
+    eps_column = len(table_eps) > 1
     columns = [(a, title) for a, title in ATTACKS if a in present]
     extra_pgd = sorted(k for k in present if re.fullmatch(r"(pgd|mim)\d+", k) and k not in dict(ATTACKS))
     columns += [(k, k.upper().replace("PGD", "PGD-").replace("MIM", "MIM-")) for k in extra_pgd]
     memory = any(r.summary and r.summary.get("peak_memory_gb") is not None for rs in rows.values() for r in rs)
-    head = ["Method", "Target", *[t for _, t in columns], "Sparsity", "Train (min)"]
+    head = ["Method", "Target", *(["ε"] if eps_column else []), *[t for _, t in columns], "Sparsity", "Train (min)"]
     head += ["Peak mem (GB)"] if memory else []
     head += ["Source"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in sorted(rows, key=lambda k: (k[0], _method_rank(k[1]))):
         runs = rows[key]
         cells = [key[1], f"{key[0] * 100:g}%"]
+        if eps_column:
+            cells.append(", ".join(eps_text(e) for e in sorted(row_eps[key], key=lambda e: e or -1.0)) or "–")
         for attack, _ in columns:
-            cells.append(_fmt([a[attack] for a in accs[key] if attack in a]))
+            tag_eps = attack != "clean" and len(row_eps[key]) > 1
+            cells.append(_cell([m[attack] for m in numbers[key] if attack in m], len(runs), tag_eps))
         measured = [r.sparsity for r in runs if r.sparsity is not None]
         cells.append(_fmt(measured, digits=2))  # type: ignore[arg-type]
         minutes = [_train_seconds(r.summary) / 60 for r in runs if r.summary and _train_seconds(r.summary)]
@@ -446,7 +553,11 @@ def table_markdown(rows: dict[tuple[float, str], list[Run]]) -> str:
         cells.append(", ".join(sorted({r.source for r in runs})))
         lines.append("| " + " | ".join(cells) + " |")
     note = sample_size_note(rows, columns)
-    return "\n".join([*lines, *(["", note] if note else [])])
+    if table_eps == {None}:
+        note = "L-inf ε: not recorded in the run files. " + note
+    elif len(table_eps) == 1:
+        note = f"L-inf ε = {eps_text(next(iter(table_eps)))} for every robust number. " + note
+    return "\n".join([*lines, *(["", note.strip()] if note.strip() else [])])
 
 
 def sample_size_note(rows: dict[tuple[float, str], list[Run]], columns: Sequence[tuple[str, str]]) -> str:
@@ -457,8 +568,8 @@ def sample_size_note(rows: dict[tuple[float, str], list[Run]], columns: Sequence
     for runs in rows.values():
         for run in runs:
             measured = run.measured()
-            worst_file = measured["worst_case"][2] if "worst_case" in measured else None
-            for name, (_, n, file) in measured.items():
+            worst_file = measured["worst_case"].file if "worst_case" in measured else None
+            for name, (_, n, file, _) in measured.items():
                 if n is not None:
                     sizes[name].add(n)
                 if file not in ("summary.json", "eval.json") or (
@@ -481,6 +592,8 @@ def sample_size_note(rows: dict[tuple[float, str], list[Run]], columns: Sequence
             )
     if any(name == "square" for name, _ in present):
         notes.append(f"Square: {SQUARE_STANDARD_QUERIES:,} queries (other budgets: Fig. 6).")
+    if any(name == "aa_custom" for name, _ in columns):
+        notes.append("AA (custom): AutoAttack with aa.version=custom, a subset of its attacks, weaker than AA.")
     return " ".join(notes)
 
 
@@ -512,29 +625,44 @@ def robust_metric(runs: Sequence[Run]) -> str | None:
     return best
 
 
+def _finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)
+
+
 def figure_robust_vs_sparsity(runs: Sequence[Run], out: Path) -> str | None:
-    """Fig. 8: robust accuracy vs sparsity target, one line per method label, one panel per group."""
+    """Fig. 8: robust accuracy vs measured sparsity (the target only for a run without a measurement: a
+    run whose pruning never happened must not be drawn at its target), one line per method label and eps,
+    one panel per group."""
     groups = grouped(runs)
     metric = robust_metric([r for r in runs if r.done])
     if metric is None or not groups:
         return None
+    measured = [r.measured() for rows in groups.values() for rs in rows.values() for r in rs]
+    radii = {m[metric].eps for m in measured if metric in m}
     plt = _pyplot()
     keys = sorted(groups)
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False)
     for ax, gkey in zip(axes[0], keys, strict=True):
-        by_label: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        by_line: dict[tuple[str, float | None], list[tuple[float, float]]] = defaultdict(list)
         for (target, label), rs in groups[gkey].items():
-            values = [r.accuracies()[metric] for r in rs if metric in r.accuracies()]
-            if values:
-                by_label[label].append((target * 100, statistics.fmean(values) * 100))
-        for label in sorted(by_label, key=_method_rank):
-            pts = sorted(by_label[label])
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            by_eps: dict[float | None, list[Run]] = defaultdict(list)
+            for r in rs:
+                if metric in r.measured():
+                    by_eps[r.measured()[metric].eps].append(r)
+            for eps, with_metric in by_eps.items():
+                x = [r.sparsity if _finite(r.sparsity) else target for r in with_metric]
+                y = [r.measured()[metric].value for r in with_metric]
+                by_line[(label, eps)].append((statistics.fmean(x) * 100, statistics.fmean(y) * 100))
+        for label, eps in sorted(by_line, key=lambda k: (_method_rank(k[0]), k[1] or -1.0)):
+            pts = sorted(by_line[(label, eps)])
+            name = label if len(radii) == 1 else f"{label} (ε {eps_text(eps)})"
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
         ax.set_title(f"{_pretty(gkey[1])} / {_pretty(gkey[0])}")
-        ax.set_xlabel("sparsity target (%)")
-        ax.set_ylabel(f"{metric} accuracy (%)")
+        ax.set_xlabel("measured sparsity (%)")
+        ax.set_ylabel(f"{metric} accuracy (%)" + (f", ε {eps_text(next(iter(radii)))}" if len(radii) == 1 else ""))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if by_line:
+            ax.legend(fontsize=7)
     return _save(fig, out / "fig8_robust_vs_sparsity.png")
 
 
@@ -549,8 +677,8 @@ def weight_magnitudes(model_pt: Path) -> tuple[Any, float]:
     if not weights:
         return torch.empty(0), math.nan
     flat = torch.cat(weights)
-    nonzero = flat[flat != 0].abs()
-    return nonzero, 1.0 - nonzero.numel() / max(flat.numel(), 1)
+    zeros = int((flat == 0).sum())
+    return flat[(flat != 0) & flat.isfinite()].abs(), zeros / max(flat.numel(), 1)
 
 
 def figure_weight_histograms(runs: Sequence[Run], out: Path) -> tuple[list[str], list[str]]:
@@ -561,8 +689,8 @@ def figure_weight_histograms(runs: Sequence[Run], out: Path) -> tuple[list[str],
     groups = grouped(runs)
     for (dataset, model), rows in sorted(groups.items()):
         by_target: dict[float, list[tuple[str, Run]]] = defaultdict(list)
-        for (target, label), rs in rows.items():
-            by_target[target].append((label, rs[0]))
+        for (target, label), rs in rows.items():  # one seed per label: the first that has its model.pt
+            by_target[target].append((label, next((r for r in rs if (r.path / "model.pt").is_file()), rs[0])))
         for target, entries in sorted(by_target.items()):
             fig, ax = plt.subplots(figsize=(6, 3.6))
             drawn = 0
@@ -571,8 +699,13 @@ def figure_weight_histograms(runs: Sequence[Run], out: Path) -> tuple[list[str],
                 if not pt.is_file():
                     missing.append(f"{run.path} (model.pt)")
                     continue
-                mags, zeros = weight_magnitudes(pt)
+                try:
+                    mags, zeros = weight_magnitudes(pt)
+                except Exception as err:  # a truncated or foreign file: listed, not a crash of the whole report
+                    missing.append(f"{run.path} (model.pt unreadable: {str(err).splitlines()[0][:200]})")
+                    continue
                 if mags.numel() == 0:
+                    missing.append(f"{run.path} (model.pt has no finite nonzero Conv/Linear weight)")
                     continue
                 ax.hist(
                     mags.clamp_min(1e-12).log10().numpy(),
@@ -613,6 +746,11 @@ def read_metrics(paths: Path | Sequence[Path]) -> dict[str, list[tuple[float, fl
     return {k: sorted(v.items()) for k, v in series.items()}
 
 
+def _curve_key(key: str) -> bool:
+    """A metrics.csv column that Fig. 5 draws."""
+    return bool(re.fullmatch(r"val/pgd\d+", key)) or key in ("train/pgd_subset", "ensemble/delta")
+
+
 def figure_training_curves(runs: Sequence[Run], out: Path) -> tuple[list[str], list[str]]:
     """Fig. 5: (a) robust accuracy along training (validation PGD of the kept model, and
     ``train/pgd_subset`` of the live model), (b) ensemble-vs-live output distance (Eq. 14)."""
@@ -626,7 +764,11 @@ def figure_training_curves(runs: Sequence[Run], out: Path) -> tuple[list[str], l
         if not paths:
             missing.append(f"{run.path} (metrics.csv)")
             continue
-        by_group[(run.dataset, run.model, run.sparsity_target)].append((run.label, read_metrics(paths)))
+        series = read_metrics(paths)
+        if not any(_curve_key(k) for k in series):
+            missing.append(f"{run.path} (metrics.csv has no val/pgd<k>, train/pgd_subset or ensemble/delta column)")
+            continue
+        by_group[(run.dataset, run.model, run.sparsity_target)].append((run.label, series))
     for (dataset, model, target), entries in sorted(by_group.items()):
         fig, (ax_acc, ax_delta) = plt.subplots(1, 2, figsize=(10, 3.6))
         any_delta = False
@@ -653,7 +795,8 @@ def figure_training_curves(runs: Sequence[Run], out: Path) -> tuple[list[str], l
         ax_acc.set_ylabel("PGD accuracy (%)")
         ax_acc.set_title("(a) robust accuracy")
         ax_acc.grid(alpha=0.3)
-        ax_acc.legend(fontsize=6)
+        if ax_acc.lines:
+            ax_acc.legend(fontsize=6)
         ax_delta.set_xlabel("epoch")
         ax_delta.set_ylabel("Δ (Eq. 14)")
         ax_delta.set_title("(b) ensemble vs live output distance" + ("" if any_delta else ": no ensemble"))
@@ -673,8 +816,10 @@ def figure_square_queries(runs: Sequence[Run], out: Path) -> str | None:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for run, curve in sorted(curves, key=lambda rc: (rc[0].model, _method_rank(rc[0].label))):
+    datasets = {r.dataset for r, _ in curves}  # two datasets' runs of one model are two lines that must say which
+    for run, curve in sorted(curves, key=lambda rc: (rc[0].dataset, rc[0].model, _method_rank(rc[0].label))):
         label = f"{run.label} {_pretty(run.model)} ({run.sparsity_target:.0%})"
+        label += f" {_pretty(run.dataset)}" if len(datasets) > 1 else ""
         ax.plot(list(curve), [v * 100 for v in curve.values()], marker="o", label=label)
     ax.set_xlabel("queries")
     ax.set_ylabel("Square accuracy (%)")
@@ -712,14 +857,25 @@ def write_report(paths: Sequence[str | Path], out: str | Path, title: str = "fre
     for (dataset, model), rows in sorted(grouped(runs).items()):
         lines += ["", f"### {_pretty(model)} / {_pretty(dataset)}", "", table_markdown(rows)]
     warnings = [
-        (r.path.name, w)
+        (f"{r.path.parent.name}/{r.path.name}", w if file == "eval.json" else f"{file}: {w}")
         for r in finished
-        if r.evaluation
-        for w in (r.evaluation.get("warnings") or [])
+        for file, data in ([("eval.json", r.evaluation)] if r.evaluation else []) + sorted(r.extra_evals.items())
+        for w in (data.get("warnings") or [])
         if isinstance(w, str)
     ]
     if warnings:
         lines += ["", "### Evaluation warnings", ""] + [f"- `{name}`: {w}" for name, w in warnings]
+    collapsed = [
+        (f"{r.path.parent.name}/{r.path.name}", epochs)
+        for r in finished
+        if r.summary and isinstance(epochs := r.summary.get("overfitting_epochs"), list) and epochs
+    ]
+    if collapsed:  # the robustness monitor's verdict, from summary.json: a number beside it may not be robustness
+        lines += ["", "### Catastrophic overfitting", ""] + [
+            f"- `{name}`: PGD accuracy on the monitor's training images collapsed at epoch(s) "
+            f"{', '.join(map(str, epochs))}"
+            for name, epochs in collapsed
+        ]
 
     lines += ["", "## Figures", ""]
     fig8 = figure_robust_vs_sparsity(runs, out)
@@ -766,9 +922,15 @@ def write_report(paths: Sequence[str | Path], out: str | Path, title: str = "fre
         for job, reason in sweep.missing():
             lines.append(f"- sweep `{sweep.path.name}`: `{' '.join(job)}`: {reason}")
             any_missing = True
-    swept = {r.path for s in sweeps for r in s.runs}
+    for sweep in sweeps:
+        if sweep.error:
+            lines.append(f"- sweep `{sweep.path.name}`: {sweep.error}; jobs that never started are not known")
+            any_missing = True
+    # runs a sweep's job list names are listed above; any other run without results here (outside a
+    # sweep, in a sweep whose job list is unreadable, or whose overrides are not one of its jobs)
+    listed = {r.path for s in sweeps for r in s.runs if frozenset(r.overrides) in {frozenset(j) for j in s.expected}}
     for run in runs:
-        if not run.done and run.path not in swept:
+        if not run.done and run.path not in listed:
             lines.append(f"- run `{run.path}`: no summary.json / eval.json (failed or still running)")
             any_missing = True
     for item in missing_files:
@@ -791,6 +953,8 @@ def write_report(paths: Sequence[str | Path], out: str | Path, title: str = "fre
             "sparsity_target": r.sparsity_target,
             "sparsity": r.sparsity,
             "accuracies": r.accuracies(),
+            "measured": {name: number._asdict() for name, number in r.measured().items()},  # n, file, eps
+            "overfitting_epochs": r.summary.get("overfitting_epochs") if r.summary else None,
             "train_seconds": _train_seconds(r.summary) if r.summary else None,
             "source": r.source,
         }

@@ -1,0 +1,92 @@
+"""The catastrophic-overfitting monitor: a measurement that leaves training alone (eval mode, its own
+random start, the global RNG streams untouched), one loud warning per collapse, and never silently off."""
+
+from __future__ import annotations
+
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from frep_lightning.module import FReP
+from frep_lightning.monitor import RobustnessMonitor
+
+
+def _module() -> FReP:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    module = FReP(net)
+    module.logged = {}  # type: ignore[attr-defined]
+    module.log = lambda name, value, **kwargs: module.logged.__setitem__(name, value)  # type: ignore[method-assign,attr-defined]
+    return module
+
+
+def _trainer(epoch: int = 0) -> SimpleNamespace:
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(16, 3, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+    datamodule = SimpleNamespace(train_subset_loader=lambda n, bs: [(x[:8], y[:8]), (x[8:], y[8:])])
+    return SimpleNamespace(datamodule=datamodule, current_epoch=epoch)
+
+
+def test_measurement_leaves_rng_and_bn_alone_and_uses_a_fixed_random_start() -> None:
+    """Switching the monitor on must not shift the training attack's random starts (global RNG), nor BN
+    statistics; and with the same weights it measures the same number every epoch (fixed random start)."""
+    module = _module()
+    module.train()
+    monitor = RobustnessMonitor(n_images=16, steps=2, batch_size=8, eps="64/255", step_size="16/255")
+    bn = module.model[1]
+    stats = (bn.running_mean.clone(), bn.running_var.clone(), int(bn.num_batches_tracked))
+    crafted: list[torch.Tensor] = []
+    perturb = monitor.attack.perturb
+    monitor.attack.perturb = lambda *a, **k: crafted.append(perturb(*a, **k)) or crafted[-1]  # type: ignore[method-assign]
+    for epoch, seed in enumerate((123, 456, 789)):
+        torch.manual_seed(seed)
+        before = torch.get_rng_state()
+        monitor.on_train_epoch_end(_trainer(epoch), module)  # type: ignore[arg-type]
+        assert torch.equal(torch.get_rng_state(), before), "the monitor drew from the global RNG"
+        assert "train/pgd_subset" in module.logged  # type: ignore[attr-defined]
+    assert len(crafted) == 6  # 2 batches x 3 epochs
+    for i in (2, 3, 4, 5):  # same weights, same images: the same adversarial images every epoch
+        assert torch.equal(crafted[i], crafted[i % 2])
+    assert module.training and bn.training  # modes restored
+    assert torch.equal(bn.running_mean, stats[0]) and torch.equal(bn.running_var, stats[1])
+    assert int(bn.num_batches_tracked) == stats[2]
+
+
+def test_one_warning_per_collapse_every_collapsed_epoch_recorded() -> None:
+    monitor = RobustnessMonitor()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for epoch, acc in enumerate([0.30, 0.40, 0.05, 0.04, 0.03, 0.38, 0.02]):
+            monitor.observe(acc, epoch)
+    messages = [str(w.message) for w in caught if "CATASTROPHIC OVERFITTING" in str(w.message)]
+    assert len(messages) == 2, messages  # epoch 2 (collapse) and epoch 6 (a new collapse after recovery)
+    assert "epoch 2" in messages[0] and "epoch 6" in messages[1]
+    assert monitor.collapsed_epochs == [2, 3, 4, 6]  # summary.json's overfitting_epochs keeps all of them
+
+
+def test_collapse_state_survives_a_resume() -> None:
+    """Resumed inside a collapse: no second warning for the same collapse."""
+    first = RobustnessMonitor()
+    with pytest.warns(UserWarning, match="CATASTROPHIC OVERFITTING"):
+        for epoch, acc in enumerate([0.40, 0.05]):
+            first.observe(acc, epoch)
+    resumed = RobustnessMonitor()
+    resumed.load_state_dict(first.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resumed.observe(0.04, 2)
+    assert resumed.collapsed_epochs == [1, 2]
+
+
+def test_no_subset_loader_is_said_once() -> None:
+    """A Trainer without a datamodule (dataloaders passed to fit): the watch is off, and says so."""
+    monitor = RobustnessMonitor()
+    module = _module()
+    with pytest.warns(UserWarning, match="NOT being watched"):
+        monitor.on_train_epoch_end(SimpleNamespace(datamodule=None, current_epoch=0), module)  # type: ignore[arg-type]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monitor.on_train_epoch_end(SimpleNamespace(datamodule=None, current_epoch=1), module)  # type: ignore[arg-type]
