@@ -23,6 +23,7 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.
     monkeypatch.setenv("WANDB_DIR", str(wandb_dir))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(wandb_dir))
     monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("NETRC", str(wandb_dir / "netrc"))  # a developer's `wandb login` key stays out of tests
     torch.manual_seed(0)
 
 

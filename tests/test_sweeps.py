@@ -352,6 +352,23 @@ def test_wandb_mode_never_prompts_nor_hangs(monkeypatch: pytest.MonkeyPatch, cap
     assert sweep.wandb_mode() == "disabled"
 
 
+def test_a_wandb_login_key_counts_as_a_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``wandb login`` writes the key to netrc, not to the environment: a logged-in user's runs log online."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    for key in ("WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(key, raising=False)
+    netrc = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(netrc))
+    assert not sweep.wandb_key_present()
+    assert isinstance(sweep.auto_logger(str(tmp_path)), CSVLogger)
+    netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    netrc.chmod(0o600)
+    assert sweep.wandb_key_present()
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")  # a key for another server is not one
+    assert not sweep.wandb_key_present()
+
+
 def test_default_logger_is_wandb_only_with_an_api_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
 

@@ -11,8 +11,9 @@ them. Deriving the device from ``hydra.job.num`` would not do that: job 4 may st
 still runs on the same ``num % 4`` device.
 
 The W&B helpers choose the mode from the environment (``WANDB_MODE`` if set, else ``online``
-with ``WANDB_API_KEY``, else ``offline``), so a run never waits on a login prompt, and close a
-run explicitly so that sequential sweep jobs in one process never append to the previous run.
+with a W&B API key (``WANDB_API_KEY`` or ``wandb login``), else ``offline``), so a run never waits
+on a login prompt, and close a run explicitly so that sequential sweep jobs in one process never
+append to the previous run.
 """
 
 from __future__ import annotations
@@ -237,24 +238,46 @@ def sweep_jobs(devices: Any = "auto", devices_per_job: int = 1, jobs_per_device:
 
 # -- W&B ---------------------------------------------------------------------------------
 def wandb_mode(timeout: float = 5.0) -> str:
-    """``WANDB_MODE`` when set; else ``online`` with ``WANDB_API_KEY`` if the W&B server answers within
+    """``WANDB_MODE`` when set; else ``online`` with an API key if the W&B server answers within
     ``timeout`` seconds, ``offline`` otherwise (no prompt; W&B itself would wait ~2 min, then fail)."""
     mode = os.environ.get("WANDB_MODE")
     if mode:
         return mode
-    if not os.environ.get("WANDB_API_KEY"):
+    if not wandb_key_present():
         return "offline"
     host, port = _wandb_endpoint()
     if _reachable(host, port, timeout):
         return "online"
     log.warning(
-        "W&B: WANDB_API_KEY is set but %s:%d does not answer within %.0f s: logging OFFLINE to the run "
+        "W&B: a W&B API key is set but %s:%d does not answer within %.0f s: logging OFFLINE to the run "
         "directory (upload later with `wandb sync <run dir>/wandb/offline-run-*`; WANDB_MODE=online forces it)",
         host,
         port,
         timeout,
     )
     return "offline"
+
+
+def wandb_key_present() -> bool:
+    """A W&B API key where the client looks for one: ``WANDB_API_KEY``, or the netrc entry that
+    ``wandb login`` writes for the server's host (``$NETRC``, else ``~/.netrc`` / ``~/_netrc``)."""
+    import netrc
+    from urllib.parse import urlsplit
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or ""
+    candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else [
+        os.path.expanduser("~/.netrc"), os.path.expanduser("~/_netrc")
+    ]  # fmt: skip
+    for path in candidates:
+        try:
+            entry = netrc.netrc(path).authenticators(host)
+        except (OSError, netrc.NetrcParseError):
+            continue
+        if entry and entry[2]:
+            return True
+    return False
 
 
 def _wandb_endpoint() -> tuple[str, int]:
@@ -331,8 +354,9 @@ def wandb_logger(
 
 
 def auto_logger(save_dir: str, **wandb_kwargs: Any) -> Any:
-    """``logger=auto`` (default): W&B (+ CSV) when ``WANDB_API_KEY`` is set, else CSV only."""
-    if os.environ.get("WANDB_API_KEY"):
+    """``logger=auto`` (default): W&B (+ CSV) when a W&B API key is set (``WANDB_API_KEY`` or ``wandb
+    login``'s netrc entry), else CSV only."""
+    if wandb_key_present():
         return wandb_logger(save_dir, **wandb_kwargs)
     return csv_logger(save_dir)
 
