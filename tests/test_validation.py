@@ -19,6 +19,7 @@ from frep_lightning.config import (
     check_rules,
     config_dir,
     method_names,
+    schedule_warnings,
     validate_train_config,
 )
 from frep_lightning.data.pack import KNOWN_SHA256
@@ -99,6 +100,7 @@ BAD = [
     ("checkpoint.background", "yes", "must be true or false"),
     ("ckpt_path", "/no/such/last.ckpt", "must be an existing checkpoint file"),
     ("monitor.collapse_ratio", 1.5, "must be in (0, 1)"),
+    ("pruning.remove_channels", "yes", "must be true or false"),
 ]
 
 
@@ -251,3 +253,22 @@ def test_missing_or_corrupt_pack_file_names_file_and_sha256(tmp_path: Path) -> N
     with pytest.raises(ValueError) as corrupt:
         load_pack(path, tmp_path / "cache")
     assert str(path) in str(corrupt.value) and f"expected sha256 {sha}" in str(corrupt.value)
+
+
+def test_model_width_with_a_torchvision_model_is_a_config_error(base: DictConfig) -> None:
+    """``experiment=smoke model=torchvision`` keeps smoke's width: named before anything is built."""
+    cfg = with_value(with_value(base, "model.name", "torchvision.resnet18"), "model.width", 8)
+    with pytest.raises(
+        ConfigError, match=r"model.width=8 applies to the built-in CIFAR models only; use model.width=null"
+    ):
+        validate_train_config(cfg)
+    validate_train_config(with_value(cfg, "model.width", None))
+
+
+def test_lr_drops_after_the_last_epoch_are_warned(base: DictConfig) -> None:
+    """A shortened paper recipe (trainer.max_epochs=30 with milestones [70, 85]) never drops the LR."""
+    assert schedule_warnings(base) == []  # the default experiment: milestones [4, 5] of 6 epochs
+    short = with_value(with_value(base, "optim.milestones", [70, 85]), "trainer.max_epochs", 30)
+    (warning,) = schedule_warnings(short)
+    assert "optim.milestones=[70, 85]" in warning and "trainer.max_epochs=30" in warning and "[21,26]" in warning
+    assert len(schedule_warnings(with_value(short, "trainer.max_epochs", 80))) == 1  # [85] still late

@@ -419,6 +419,33 @@ def check_eval_attacks(cfg: DictConfig) -> list[str]:
     return []
 
 
+def _width_errors(cfg: DictConfig) -> list[str]:
+    """``model.width`` sizes the built-in CIFAR models only (a torchvision model has its own widths)."""
+    from frep_lightning.models import TORCHVISION_PREFIX
+
+    name, width = OmegaConf.select(cfg, "model.name"), OmegaConf.select(cfg, "model.width")
+    if isinstance(name, str) and name.startswith(TORCHVISION_PREFIX) and width is not None:
+        return [f"model.width={width!r} applies to the built-in CIFAR models only; use model.width=null with {name}"]
+    return []
+
+
+def schedule_warnings(cfg: DictConfig) -> list[str]:
+    """Valid but probably unintended schedules: a shortened recipe that keeps LR drops it never reaches
+    (the ensemble interval then never grows either)."""
+    milestones, epochs = OmegaConf.select(cfg, "optim.milestones"), OmegaConf.select(cfg, "trainer.max_epochs")
+    if not _is_int(epochs) or not isinstance(milestones, (list, tuple, Sequence)) or isinstance(milestones, str):
+        return []
+    late = [m for m in milestones if _is_int(m) and m >= epochs]
+    if not late:
+        return []
+    return [
+        f"optim.milestones={list(milestones)}: the LR drop(s) at epoch {late} come at or after "
+        f"trainer.max_epochs={epochs}, so they never happen (the temporal ensemble's interval never grows "
+        "either); scale the milestones with the epochs, e.g. optim.milestones=[70,85] -> "
+        f"[{round(0.7 * epochs)},{round(0.85 * epochs)}]"
+    ]
+
+
 def validate_train_config(cfg: DictConfig, check_data: bool = False) -> None:
     """Raise :class:`ConfigError` listing every invalid key before anything is loaded; with
     ``check_data`` (what ``frep-train`` does) also :class:`DataNotFoundError`, a
@@ -429,6 +456,8 @@ def validate_train_config(cfg: DictConfig, check_data: bool = False) -> None:
     )
     if not any(e.startswith("eval.") for e in errors):  # a bad eval.eps is one problem, not two
         errors += check_eval_attacks(cfg)
+    if not any(e.startswith("model.") for e in errors):  # a bad model.name is one problem, not two
+        errors += _width_errors(cfg)
     if errors:
         lines = "\n  ".join(errors)
         raise ConfigError(f"invalid config ({len(errors)} problem{'s' if len(errors) > 1 else ''}):\n  {lines}")

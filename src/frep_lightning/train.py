@@ -39,7 +39,14 @@ from frep_lightning.checkpointing import (
     read_run_record,
     record_mismatches,
 )
-from frep_lightning.config import ConfigError, config_dir, enabled, num_classes, validate_train_config
+from frep_lightning.config import (
+    ConfigError,
+    config_dir,
+    enabled,
+    num_classes,
+    schedule_warnings,
+    validate_train_config,
+)
 from frep_lightning.evaluate import WhiteBoxAttack, config_attacks, evaluate
 from frep_lightning.export import MergeReparameterization, load_state_dict_file, write_json
 from frep_lightning.fast import FastFReP, iter_fast_options
@@ -167,6 +174,8 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one configuration and return its summary (also written to ``summary.json``)."""
     validate_train_config(cfg, check_data=True)  # every key, eval.attacks included, before data loads
+    for warning in schedule_warnings(cfg):
+        log.warning(warning)
     check_resume(cfg)
     run_dir = _run_dir(cfg)
     if rank_zero_only.rank == 0:  # DDP ranks > 0 (re-executed script) reuse rank 0's directory
