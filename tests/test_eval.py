@@ -626,7 +626,9 @@ def test_frep_eval_refuses_files_that_are_not_ours(tiny_run: tuple[Path, dict], 
         validate_eval_config(_eval_cfg(f"ckpt={run_dir}", "precision=fp8"))
     with pytest.raises(ConfigError, match="n_test"):
         validate_eval_config(_eval_cfg(f"ckpt={run_dir}", "n_test=0"))
-    with pytest.raises(ValueError, match=r"its tensor shapes do not fit model 'resnet18' \(width 16\): size mismatch"):
+    with pytest.raises(  # and which width it is: the run's own
+        ValueError, match=r"do not fit model 'resnet18' \(width 16\): size mismatch.*; it fits model\.width=4: pass"
+    ):
         run(_eval_cfg(f"ckpt={run_dir}", "attacks=[clean]", "model.width=16"))
     over = run(_eval_cfg(f"ckpt={run_dir}", "attacks=[clean]", "n_test=20000", f"output={tmp_path / 'over.json'}"))
     assert over["warnings"][0] == f"n_test=20000 asked, but the test split has {over['n']} images: all evaluated"

@@ -173,7 +173,9 @@ def load_model(
     except RuntimeError as err:  # same keys, other shapes: another width or number of classes
         shapes = "; ".join(line.strip() for line in str(err).splitlines()[1:3])
         name, width = model_cfg.get("name"), model_cfg.get("width")
-        raise _not_ours(path, f"its tensor shapes do not fit model {name!r} (width {width}): {shapes}") from err
+        hint = fitting_settings(name, state)
+        hint = f"; it fits {hint}: pass that override (or keep the run's config.yaml beside the file)" if hint else ""
+        raise _not_ours(path, f"its tensor shapes do not fit model {name!r} (width {width}): {shapes}{hint}") from err
     if missing or unexpected:
         raise _not_ours(
             path,
@@ -181,6 +183,27 @@ def load_model(
             f"missing {missing[:5]}, unexpected {unexpected[:5]}",
         )
     return model.eval()
+
+
+def fitting_settings(name: Any, state: Mapping[str, Tensor]) -> str | None:
+    """``model.width=W`` (and ``num_classes=K``) under which built-in model ``name`` has exactly the shapes of
+    ``state``: what a bare model.pt of another width needs. Candidates come from the first conv widths
+    (ResNet/VGG: base channels; WRN: widen factor = first block's width / 16); None when none fits."""
+    from frep_lightning.models import BUILTIN, build_model
+
+    convs = [v.shape[0] for k, v in state.items() if v.dim() == 4 and k.endswith(".weight")]
+    linears = [v.shape[0] for k, v in state.items() if v.dim() == 2 and k.endswith(".weight")]
+    if name not in BUILTIN or not convs or not linears:
+        return None
+    classes = linears[-1]
+    for width in dict.fromkeys(c for c in (convs[0], *(c // 16 for c in convs[:3])) if c > 0):
+        try:
+            shapes = {k: v.shape for k, v in build_model(name, num_classes=classes, width=width).state_dict().items()}
+        except (ValueError, RuntimeError):
+            continue
+        if shapes.keys() == state.keys() and all(shapes[k] == state[k].shape for k in shapes):
+            return f"model.width={width}" + (f" with {classes} classes (data.name)" if classes != 10 else "")
+    return None
 
 
 def prunable_layers(model: nn.Module, run_cfg: DictConfig | None) -> list[str] | None:
