@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime
 import importlib.util
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -253,3 +254,27 @@ def test_profile_counts_what_a_step_runs(bench: ModuleType, tmp_path: Path, one_
     assert set(prof["by kind (ms per step)"]) >= {"convolution", "batch norm"}
     md = result.path.read_text()
     assert "## Kernel profile: frep resnet18 bs8 fast-fp32" in md and "| `aten::convolution_backward` | 60.0 |" in md
+
+
+def test_gpu_prepare_builds_the_carried_tree(pack_root: Path, tmp_path: Path) -> None:
+    """experiments/gpu/prepare.sh: what a lent GPU machine lacks (hydra with its yaml, omegaconf, antlr4,
+    pyautoattack's code without its 44 MB model) and the CIFAR-10 pack, under the 64 MiB carry limit;
+    the copied packages import from .gpu/site alone."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "gpu" / "prepare.sh"
+    env = {**os.environ, "PYTHON": sys.executable}
+    subprocess.run(["bash", str(script), str(pack_root)], cwd=tmp_path, env=env, check=True, capture_output=True)
+    site = tmp_path / ".gpu" / "site"
+    assert (site / "hydra" / "conf" / "hydra" / "output" / "default.yaml").is_file()
+    assert {p.suffix for p in (site / "pyautoattack").iterdir()} == {".py"}
+    assert {p.name for p in (tmp_path / ".gpu" / "data" / "cifar10").iterdir()} >= {"train.npz", "test.npz"}
+    size = sum(p.stat().st_size for p in (tmp_path / ".gpu").rglob("*") if p.is_file())
+    assert size < 60 * 2**20  # the tracked tree (~2 MB) must fit beside it
+    # PYTHONPATH goes before site-packages: each package then comes from .gpu/site (the GPU machine has
+    # torch, lightning and PyYAML, which these import, but not the packages themselves)
+    names = "hydra, omegaconf, antlr4, pyautoattack"
+    probe = f"import {names}; print(*(m.__file__ for m in ({names})))"
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
+    assert all(path.startswith(str(site)) for path in out.stdout.split())
