@@ -153,11 +153,11 @@ class FReP(pl.LightningModule):
                 f"non-finite training loss in {int(means['nonfinite'])} step(s) of epoch {self.current_epoch}; "
                 "lower optim.lr or check the data"
             )
-        if means["count"] > 0:
-            self.log("train/loss_epoch", means["loss"], prog_bar=True)
-            self.log("train/acc_adv", means["acc_adv"])
+        if means["count"] > 0:  # equal on every rank already: sync_dist only keeps Lightning's DDP warning away
+            self.log("train/loss_epoch", means["loss"], prog_bar=True, sync_dist=True)
+            self.log("train/acc_adv", means["acc_adv"], sync_dist=True)
             if self.objective.uses_clean:
-                self.log("train/acc", means["acc"], prog_bar=True)
+                self.log("train/acc", means["acc"], prog_bar=True, sync_dist=True)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         sums = self._sums_if_any()

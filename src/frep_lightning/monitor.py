@@ -98,7 +98,7 @@ class RobustnessMonitor(Callback):
                     correct += int((pl_module(x_adv).argmax(1) == y).sum())
                 total += len(y)
         acc = correct / max(total, 1)
-        pl_module.log("train/pgd_subset", acc, on_epoch=True)
+        pl_module.log("train/pgd_subset", acc, on_epoch=True, sync_dist=True)  # every rank measures the same images
         self.observe(acc, trainer.current_epoch)
 
     def state_dict(self) -> dict[str, Any]:

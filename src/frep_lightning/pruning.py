@@ -323,7 +323,8 @@ class RobustPruning(Callback):
             apply_masks_(copy, masks)
             zero_dependents_(copy, self.dependents)
         report = sparsity_report({f"{n}.weight": m.weight.detach() for n, m, _ in iter_masked(pl_module) if n in masks})
-        pl_module.log("train/sparsity", report["sparsity"], on_step=False, on_epoch=True, sync_dist=False)
+        # every rank holds rank 0's masks: sync_dist averages equal values (and keeps Lightning's DDP warning away)
+        pl_module.log("train/sparsity", report["sparsity"], on_step=False, on_epoch=True, sync_dist=True)
         return masks, float(report["sparsity"])
 
     def state_dict(self) -> dict[str, Any]:
