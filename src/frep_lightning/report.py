@@ -181,6 +181,22 @@ class Run:
         return None
 
     @property
+    def structured(self) -> bool:
+        """Pruned by output channel (the target counts channels, not weights)."""
+        mode = self.summary.get("pruning_mode") if self.summary is not None else None
+        return (mode or _select(self.config, "pruning.mode")) == "structured" and self.sparsity_target > 0
+
+    @property
+    def channels_removed(self) -> float | None:
+        """Fraction of the pruned layers' output channels that carry no weight (summary.json's counts)."""
+        if self.summary is None:
+            return None
+        live, total = self.summary.get("live_channels"), self.summary.get("channels")
+        if not isinstance(live, int) or not isinstance(total, int) or total <= 0:
+            return None
+        return 1.0 - live / total
+
+    @property
     def label(self) -> str:
         """Method name, plus the swept non-placement keys of its sweep (``objective=pgd``)."""
         given = {_override_key(o): _override_value(o) for o in self.overrides}
@@ -531,13 +547,16 @@ def table_markdown(rows: dict[tuple[float, str], list[Run]]) -> str:
     extra_pgd = sorted(k for k in present if re.fullmatch(r"(pgd|mim)\d+", k) and k not in dict(ATTACKS))
     columns += [(k, k.upper().replace("PGD", "PGD-").replace("MIM", "MIM-")) for k in extra_pgd]
     memory = any(r.summary and r.summary.get("peak_memory_gb") is not None for rs in rows.values() for r in rs)
-    head = ["Method", "Target", *(["ε"] if eps_column else []), *[t for _, t in columns], "Sparsity", "Train (min)"]
+    structured = any(r.structured for rs in rows.values() for r in rs)  # Table III: the target counts channels
+    head = ["Method", "Target", *(["ε"] if eps_column else []), *[t for _, t in columns], "Sparsity"]
+    head += ["Channels removed"] if structured else []
+    head += ["Train (min)"]
     head += ["Peak mem (GB)"] if memory else []
     head += ["Source"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in sorted(rows, key=lambda k: (k[0], _method_rank(k[1]))):
         runs = rows[key]
-        cells = [key[1], f"{key[0] * 100:g}%"]
+        cells = [key[1], f"{key[0] * 100:g}%" + (" of channels" if any(r.structured for r in runs) else "")]
         if eps_column:
             cells.append(", ".join(eps_text(e) for e in sorted(row_eps[key], key=lambda e: e or -1.0)) or "–")
         for attack, _ in columns:
@@ -545,6 +564,9 @@ def table_markdown(rows: dict[tuple[float, str], list[Run]]) -> str:
             cells.append(_cell([m[attack] for m in numbers[key] if attack in m], len(runs), tag_eps))
         measured = [r.sparsity for r in runs if r.sparsity is not None]
         cells.append(_fmt(measured, digits=2))  # type: ignore[arg-type]
+        if structured:
+            removed = [r.channels_removed for r in runs if r.channels_removed is not None]
+            cells.append(_fmt(removed, digits=2))  # type: ignore[arg-type]
         minutes = [_train_seconds(r.summary) / 60 for r in runs if r.summary and _train_seconds(r.summary)]
         cells.append(_fmt(minutes, scale=1.0))
         if memory:
@@ -553,6 +575,11 @@ def table_markdown(rows: dict[tuple[float, str], list[Run]]) -> str:
         cells.append(", ".join(sorted({r.source for r in runs})))
         lines.append("| " + " | ".join(cells) + " |")
     note = sample_size_note(rows, columns)
+    if structured:
+        note = (
+            "Sparsity: the fraction of prunable weights that are zero; Channels removed: the fraction of the pruned "
+            "layers' output channels with no weight left (structured targets count channels). " + note
+        )
     if table_eps == {None}:
         note = "L-inf ε: not recorded in the run files. " + note
     elif len(table_eps) == 1:
