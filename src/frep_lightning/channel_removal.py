@@ -20,6 +20,7 @@ the channel is exactly 0 in training and in evaluation mode, whatever its runnin
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -60,45 +61,116 @@ def _find_opaque(model: nn.Module, opaque: set[int]) -> None:
         opaque.add(id(model))
 
 
-def _trace_pairs(model: nn.Module, prefix: str, opaque: set[int], pairs: dict[str, list[str]], untraced: list[str]):
-    """``pairs[layer] = [norms reading its output]`` over ``model``; a module in ``opaque`` is looked into
-    child by child (its own code, between them, is unseen: its name goes into ``untraced``)."""
+# Tensors that may share storage with their input: an in-place write into one of them changes it.
+_VIEWS = frozenset(
+    "view view_as reshape reshape_as flatten unflatten transpose permute squeeze unsqueeze expand expand_as narrow "
+    "select split split_with_sizes tensor_split chunk unbind t movedim moveaxis swapaxes swapdims diagonal "
+    "as_strided detach contiguous unfold getitem getattr".split()
+)
+_INPLACE_OPERATORS = frozenset(
+    getattr(operator, name)
+    for name in "setitem iadd isub imul itruediv ifloordiv imod ipow imatmul iand ior ixor ilshift irshift".split()
+)
+
+
+def _name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+
+
+def _writes_into(user: fx.Node, value: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``user`` may write into ``value`` in place (``y.add_(z)``, ``y[i] = z``, ``y += z``,
+    ``relu(y, inplace=True)``, ``out=y``): fx records it, but readers of ``value`` keep pointing at it."""
+    if user.kwargs.get("out") is value:
+        return True
+    if not user.args or user.args[0] is not value:
+        return False
+    if user.op == "call_module":
+        return getattr(modules.get(str(user.target)), "inplace", False) is True
+    if user.op not in ("call_method", "call_function"):
+        return False
+    name = _name(user)
+    return (
+        user.target in _INPLACE_OPERATORS
+        or (name.endswith("_") and not name.endswith("__"))
+        or user.kwargs.get("inplace") is True
+    )
+
+
+def _reads_unchanged(src: fx.Node, reader: fx.Node, order: dict[fx.Node, int], modules: dict[str, nn.Module]) -> bool:
+    """Whether ``src``'s output reaches ``reader`` as it was computed: nothing writes into it, or into a
+    view of it, before ``reader`` runs (in-place ops after it do not change what it read)."""
+    aliases, seen = [src], {src}
+    while aliases:
+        value = aliases.pop()
+        for user in value.users:
+            if user is reader or order[user] > order[reader]:
+                continue
+            if _writes_into(user, value, modules):
+                return False
+            if user.op in ("call_method", "call_function") and _name(user) in _VIEWS and user not in seen:
+                seen.add(user)
+                aliases.append(user)
+    return True
+
+
+def _trace_reads(
+    model: nn.Module, prefix: str, opaque: set[int], reads: dict[int, set[int | None]], untraced: list[str]
+) -> None:
+    """For every BatchNorm call over ``model``: ``reads[id(norm)]`` gets the id of the module whose
+    output it reads unchanged, or None (any other input). A module in ``opaque`` is looked into child
+    by child (its own code, between them, is unseen: its name goes into ``untraced``)."""
     modules = dict(model.named_modules())
     graph = None if id(model) in opaque else _graph(model, opaque)
     if graph is None:
         if type(model).forward is not nn.Module.forward:  # a container without forward has no code to miss
             untraced.append(f"{prefix.rstrip('.') or '<root>'} ({type(model).__name__})")
         for name, child in model.named_children():
-            _trace_pairs(child, f"{prefix}{name}.", opaque, pairs, untraced)
+            _trace_reads(child, f"{prefix}{name}.", opaque, reads, untraced)
         return
+    order = {node: i for i, node in enumerate(graph.nodes)}
     for node in graph.nodes:
         if node.op != "call_module" or node.target not in modules:
             continue
         module = modules[node.target]
         if id(module) in opaque:
-            _trace_pairs(module, f"{prefix}{node.target}.", opaque, pairs, untraced)
-        elif isinstance(module, _NORMS) and node.args:
-            src = node.args[0]
-            if isinstance(src, fx.Node) and src.op == "call_module" and src.target in modules:
-                pairs.setdefault(f"{prefix}{src.target}", []).append(f"{prefix}{node.target}")
+            _trace_reads(module, f"{prefix}{node.target}.", opaque, reads, untraced)
+        elif isinstance(module, _NORMS):
+            src = node.args[0] if node.args else node.kwargs.get("input")
+            direct = (
+                isinstance(src, fx.Node)
+                and src.op == "call_module"
+                and src.target in modules
+                and _reads_unchanged(src, node, order, modules)
+            )
+            reads.setdefault(id(module), set()).add(id(modules[src.target]) if direct else None)
+
+
+def _matches(norm: nn.Module, channels: int) -> bool:
+    return bool(norm.affine) and norm.num_features == channels
 
 
 def channel_dependents(model: nn.Module, layers: Sequence[str]) -> dict[str, list[str]]:
     """For each of ``layers`` (masked Conv2d/Linear names), the affine BatchNorm layers that read its
-    output directly and have one feature per output channel. Warns when part of ``model`` could not
-    be traced (a BN there after a pruned layer would keep its β)."""
+    output directly and have one feature per output channel. A BatchNorm called more than once is
+    paired only if every call reads that layer's output: zeroing its γ/β would otherwise also zero
+    the channel where it normalises something else. Warns when part of ``model`` could not be traced
+    (a BN there after a pruned layer would keep its β)."""
     opaque: set[int] = set()
-    pairs: dict[str, list[str]] = {}
+    reads: dict[int, set[int | None]] = {}
     untraced: list[str] = []
     if _graph(model, opaque) is None:  # the common case traces whole at the first try
         _find_opaque(model, opaque)
-    _trace_pairs(model, "", opaque, pairs, untraced)
-    modules = dict(model.named_modules())
+    _trace_reads(model, "", opaque, reads, untraced)
+    names = {id(m): n for n, m in model.named_modules()}  # one name per module, however it is reached
+    pairs: dict[int, list[str]] = {}
+    for norm, sources in reads.items():
+        if len(sources) == 1 and None not in sources:
+            pairs.setdefault(next(iter(sources)), []).append(names[norm])
     out: dict[str, list[str]] = {}
     for name in layers:
-        channels = modules[name].weight.shape[0]
-        found = dict.fromkeys(pairs.get(name, []))  # a module called twice is found twice
-        out[name] = [n for n in found if modules[n].affine and modules[n].num_features == channels]
+        layer = model.get_submodule(name)
+        found = pairs.get(id(layer), [])
+        out[name] = [n for n in found if _matches(model.get_submodule(n), layer.weight.shape[0])]
     if untraced:
         rank_zero_warn(
             f"pruning.remove_channels: torch.fx could not trace {', '.join(untraced[:3])}"
