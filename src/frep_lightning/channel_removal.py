@@ -9,19 +9,26 @@ are held at exactly zero too:
 - the pruned layer's ``bias`` entry;
 - ``weight`` (γ) and ``bias`` (β) of every BatchNorm whose input is the layer's output, found by
   tracing the model with ``torch.fx`` (a BN after a residual addition reads other channels too and
-  is never paired: pre-activation WRN blocks stay correct).
+  is never paired: pre-activation WRN blocks stay correct). Every call of the BN must read the
+  layer's output as the layer computed it: a BN shared with another input, or reading a tensor
+  written in place before it (``y.add_(z)``), normalises live channels there and is not paired.
 
 They are zeroed, with their optimizer state, in the live model and in every averaged copy when the
 mask is installed, and a gradient hook multiplies their gradients by the channel mask, read from
 the layer's mask buffer at every backward (so a resumed run, the fast path's captured step and a
 gradually growing mask all hold them at zero with no extra state). With γ = β = 0 the BN output of
 the channel is exactly 0 in training and in evaluation mode, whatever its running statistics.
+
+Not removed (the channel still carries a constant, as with filter-only masking): a BN that reads
+the channel through anything else first (a concatenation as in DenseNet, an activation, a pool),
+a BN without affine parameters, and a layer whose zero output is not "nothing", such as the
+excitation conv of a squeeze-and-excitation block (its gate is sigmoid(0) = 0.5).
 """
 
 from __future__ import annotations
 
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -29,7 +36,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from frep_lightning.reparam import iter_masked
+from frep_lightning.reparam import iter_masked, weight_parametrization
 
 _NORMS = (nn.modules.batchnorm._BatchNorm,)
 
@@ -63,14 +70,20 @@ def _find_opaque(model: nn.Module, opaque: set[int]) -> None:
 
 # Tensors that may share storage with their input: an in-place write into one of them changes it.
 _VIEWS = frozenset(
-    "view view_as reshape reshape_as flatten unflatten transpose permute squeeze unsqueeze expand expand_as narrow "
-    "select split split_with_sizes tensor_split chunk unbind t movedim moveaxis swapaxes swapdims diagonal "
-    "as_strided detach contiguous unfold getitem getattr".split()
-)
+    (
+        "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "transpose", "permute", "squeeze",
+        "unsqueeze", "expand", "expand_as", "narrow", "select", "split", "split_with_sizes", "tensor_split", "chunk",
+        "unbind", "t", "movedim", "moveaxis", "swapaxes", "swapdims", "diagonal", "as_strided", "detach",
+        "contiguous", "unfold", "getitem", "getattr",
+    )
+)  # fmt: skip
 _INPLACE_OPERATORS = frozenset(
-    getattr(operator, name)
-    for name in "setitem iadd isub imul itruediv ifloordiv imod ipow imatmul iand ior ixor ilshift irshift".split()
-)
+    (
+        operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+        operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor,
+        operator.ilshift, operator.irshift,
+    )
+)  # fmt: skip
 
 
 def _name(node: fx.Node) -> str:
@@ -202,29 +215,43 @@ def zero_dependents_(
     model: nn.Module,
     dependents: dict[str, list[str]],
     optimizers: Sequence[torch.optim.Optimizer] = (),
-) -> None:
+) -> int:
     """Zero the dependents of every pruned channel of ``model`` (masks read from its layers), and the
-    same entries of every optimizer state tensor of those parameters."""
+    same entries of every optimizer state tensor of those parameters; returns how many parameter
+    entries were not zero yet (one host sync)."""
     masks = {name: p.mask for name, _, p in iter_masked(model)}
+    found: list[Tensor] = []
     for layer, norms in dependents.items():
         keep = channel_keep(masks[layer])
         for tensor in dependent_tensors(model, layer, norms):
+            found.append(((tensor != 0) & (keep == 0).to(tensor.device)).sum())
             tensor.mul_(keep.to(tensor))
             for opt in optimizers:
                 for value in opt.state.get(tensor, {}).values():
                     if isinstance(value, Tensor) and value.shape == tensor.shape:
                         value.mul_(keep.to(value))
+    return int(torch.stack([f.to(found[0].device) for f in found]).sum()) if found else 0
+
+
+def _held_by(layer: nn.Module) -> Callable[[Tensor], Tensor]:
+    """A gradient hook: ``grad`` times ``layer``'s channel mask, looked up at every backward (moving the
+    model to a device replaces the mask buffer); once ``layer`` is merged (no mask), ``grad`` unchanged:
+    training the merged model must not find parameters frozen by a mask it no longer has."""
+
+    def hook(grad: Tensor) -> Tensor:
+        p = weight_parametrization(layer)
+        return grad if p is None else grad * channel_keep(p.mask).to(grad.dtype)
+
+    return hook
 
 
 def hold_dependents(model: nn.Module, dependents: dict[str, list[str]]) -> list[RemovableHandle]:
     """Gradient hooks that keep the dependents of pruned channels at zero: each gradient is multiplied
     by its layer's channel mask, read from the mask buffer at every backward (all ones before pruning)."""
-    # The parametrization, not its mask: moving the model to a device replaces the buffer object.
-    owners = {name: p for name, _, p in iter_masked(model)}
     handles = []
     for layer, norms in dependents.items():
-        owner = owners[layer]
+        hook = _held_by(model.get_submodule(layer))
         for tensor in dependent_tensors(model, layer, norms):
             if tensor.requires_grad:
-                handles.append(tensor.register_hook(lambda g, p=owner: g * channel_keep(p.mask).to(g.dtype)))
+                handles.append(tensor.register_hook(hook))
     return handles

@@ -273,6 +273,7 @@ class RobustPruning(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """A ``max_steps`` that ends training before the pruning epoch fails now (the epoch length is
         known only here): the run would export a dense model."""
+        self.remove_restored_channels(trainer, pl_module)
         batches = trainer.num_training_batches
         if self.pruned or trainer.max_steps < 0 or not isinstance(batches, int) or batches == 0:
             return
@@ -282,6 +283,22 @@ class RobustPruning(Callback):
                 f"pruning.epoch={self.epoch} starts after optimizer step {steps_before} ({batches} batches per epoch) "
                 f"but trainer.max_steps={trainer.max_steps}: pruning would never run; lower pruning.epoch or raise "
                 "trainer.max_steps"
+            )
+
+    def remove_restored_channels(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Channels pruned before this fit (a checkpoint saved with ``remove_channels=false`` or before it
+        existed, weights loaded by hand) may come with a nonzero bias/γ/β: the gradient hooks would freeze
+        them there, neither removed nor trained. They are zeroed here, once the checkpoint is restored
+        (a no-op for a run that held them at zero throughout)."""
+        if not self.dependents:
+            return
+        found = zero_dependents_(pl_module, self.dependents, trainer.optimizers)
+        for copy in averaged_copies(trainer):
+            found += zero_dependents_(copy, self.dependents)
+        if found:
+            rank_zero_warn(
+                f"RobustPruning: {found} bias/BatchNorm entries of already pruned channels were not zero (a checkpoint "
+                "saved with pruning.remove_channels=false?); zeroed now, as remove_channels=true holds them"
             )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
