@@ -90,3 +90,32 @@ def test_no_subset_loader_is_said_once() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         monitor.on_train_epoch_end(SimpleNamespace(datamodule=None, current_epoch=1), module)  # type: ignore[arg-type]
+
+
+def test_pruning_damage_is_not_catastrophic_overfitting() -> None:
+    """One-shot pruning to 99 % drops robust accuracy: the watch compares with the best since the masks
+    last changed, so the pruning epoch is no collapse; a later collapse of the pruned network still is."""
+    from frep_lightning.pruning import apply_masks_, compute_masks
+
+    module = _module()  # FReP gives every Conv/Linear its (all-ones) mask
+    monitor = RobustnessMonitor(n_images=16, steps=1, batch_size=8)
+    flags: list[bool] = []
+    observe = monitor.observe
+    monitor.observe = lambda acc, epoch, changed=False: flags.append(changed) or observe(acc, epoch, changed)  # type: ignore[method-assign]
+    for epoch in range(4):
+        if epoch == 2:
+            apply_masks_(module, compute_masks(module, 0.99))
+        monitor.on_train_epoch_end(_trainer(epoch), module)  # type: ignore[arg-type]
+    assert flags == [False, False, True, False]  # the change is seen once, at the first epoch after it
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        watch = RobustnessMonitor()
+        assert not watch.observe(0.40, 0)
+        assert not watch.observe(0.15, 1, masks_changed=True)  # below 0.5 x 0.40, but another network
+        assert not watch.observe(0.30, 2)
+        assert watch.observe(0.05, 3)  # the pruned network collapses: still caught
+    assert [str(w.message).split(":")[0] for w in caught] == ["CATASTROPHIC OVERFITTING suspected at epoch 3"]
+    resumed = RobustnessMonitor()
+    resumed.load_state_dict(monitor.state_dict())
+    assert resumed.masks_kept == monitor.masks_kept is not None  # a resume does not count as a change

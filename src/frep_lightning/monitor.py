@@ -3,7 +3,10 @@
 FGSM-style training can collapse silently: FGSM accuracy keeps rising while PGD accuracy drops to
 ~0 within an epoch. Each epoch this callback measures PGD accuracy of the *live* model on a fixed,
 unaugmented subset of training images (``datamodule.train_subset_loader``), logs it as
-``train/pgd_subset``, and warns loudly when it falls below ``collapse_ratio`` of its best value.
+``train/pgd_subset``, and warns loudly when it falls below ``collapse_ratio`` of its best value
+since the pruning masks last changed: a one-shot prune to 99 % drops robust accuracy too, and that is
+pruning damage, not overfitting (during a gradual schedule, whose masks change every epoch, the
+watch therefore compares each epoch only with itself; LWM trains on PGD-10, which does not collapse).
 
 The measurement is a pure function of the weights: eval mode (BatchNorm running statistics neither
 used for batch statistics nor updated), the same PGD random start every epoch from the monitor's own
@@ -24,6 +27,15 @@ from frep_lightning.attacks import PGD, PRECISIONS, attack_precision, cross_entr
 from frep_lightning.checks import check_choice, check_int
 
 RANDOM_START_SEED = 0  # the PGD random start: one fixed draw, so epochs differ only by their weights
+
+
+def _masks_kept(module: torch.nn.Module) -> int | None:
+    """Pruning-mask entries kept over the module's masked layers (None without masks): changes exactly
+    when a pruning callback installs new masks."""
+    from frep_lightning.reparam import iter_masked
+
+    counts = [p.mask.count_nonzero() for _, _, p in iter_masked(module)]
+    return int(torch.stack(counts).sum()) if counts else None
 
 
 class RobustnessMonitor(Callback):
@@ -55,13 +67,17 @@ class RobustnessMonitor(Callback):
         self.history: list[float] = []
         self.collapsed_epochs: list[int] = []
         self.collapsed = False  # below the threshold at the last measurement: warned already
+        self.masks_kept: int | None = None  # mask entries kept at the last measurement (None: none seen)
         self._warned_no_loader = False
 
-    def observe(self, acc: float, epoch: int) -> bool:
+    def observe(self, acc: float, epoch: int, masks_changed: bool = False) -> bool:
         """Record one measurement; True when it looks like a collapse (every such epoch is in
         ``collapsed_epochs``), with a loud warning on the first epoch of each collapse only: a run that
-        stays collapsed for 50 epochs gets one warning, not 50 that bury it."""
+        stays collapsed for 50 epochs gets one warning, not 50 that bury it. ``masks_changed``: pruning
+        happened since the last measurement; the best so far belongs to another network and is dropped."""
         self.history.append(acc)
+        if masks_changed:
+            self.best, self.collapsed = 0.0, False
         collapsed = self.best >= self.min_best and acc < self.collapse_ratio * self.best
         self.best = max(self.best, acc)
         if collapsed:
@@ -98,8 +114,11 @@ class RobustnessMonitor(Callback):
                     correct += int((pl_module(x_adv).argmax(1) == y).sum())
                 total += len(y)
         acc = correct / max(total, 1)
+        kept = _masks_kept(pl_module)
+        masks_changed = self.masks_kept is not None and kept != self.masks_kept
+        self.masks_kept = kept
         pl_module.log("train/pgd_subset", acc, on_epoch=True, sync_dist=True)  # every rank measures the same images
-        self.observe(acc, trainer.current_epoch)
+        self.observe(acc, trainer.current_epoch, masks_changed)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -107,6 +126,7 @@ class RobustnessMonitor(Callback):
             "history": self.history,
             "collapsed_epochs": self.collapsed_epochs,
             "collapsed": self.collapsed,
+            "masks_kept": self.masks_kept,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -114,3 +134,4 @@ class RobustnessMonitor(Callback):
         self.history = list(state_dict["history"])
         self.collapsed_epochs = list(state_dict["collapsed_epochs"])
         self.collapsed = bool(state_dict.get("collapsed", False))  # older checkpoints: at worst one more warning
+        self.masks_kept = state_dict.get("masks_kept")
