@@ -312,3 +312,19 @@ def test_structured_pruning_removes_channels_end_to_end(tmp_path, remove: bool) 
 def test_remove_channels_is_validated() -> None:
     with pytest.raises(ValueError, match=r"pruning.remove_channels='yes' must be true or false"):
         RobustPruning(0.5, mode="structured", remove_channels="yes")  # type: ignore[arg-type]
+
+
+def test_setup_twice_says_things_once(caplog: pytest.LogCaptureFixture) -> None:
+    """TemporalEnsemble runs RobustPruning.setup before Lightning does: each message appears once per fit."""
+    from types import SimpleNamespace
+
+    holder = nn.Module()
+    holder.model = _TinyConvNet()
+    reparameterize_(holder.model, "hadamard")
+    pruning = RobustPruning(0.5, epoch=1, mode="structured")
+    with caplog.at_level("INFO"):
+        for _ in range(2):
+            pruning.setup(SimpleNamespace(max_epochs=3), holder, "fit")  # type: ignore[arg-type]
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("RobustPruning")]
+    assert len(said) == 2 and "leaves the classifier model.net.8 dense" in said[0] and "removed" in said[1]
+    assert len(pruning._hooks) == 5  # bias of net.0, γ/β of net.1 and of net.4: not doubled either

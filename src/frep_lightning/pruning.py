@@ -20,7 +20,7 @@ state, so neither momentum nor weight decay can revive them.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -83,7 +83,9 @@ def channel_masks(keep: Tensor, weights: dict[str, Tensor]) -> dict[str, Tensor]
     return masks
 
 
-def without_classifier(model: nn.Module, names: Sequence[str]) -> list[str]:
+def without_classifier(
+    model: nn.Module, names: Sequence[str], say: Callable[[str], None] | None = rank_zero_info
+) -> list[str]:
     """``names`` less the output layer (the last Conv2d/Linear of ``model``: a Linear, or the 1x1 conv
     of a fully convolutional head): in structured pruning its output channels are the classes, and
     ranking them with the filters (Eq. 17) would remove whole classes. Its weights stay dense;
@@ -92,7 +94,8 @@ def without_classifier(model: nn.Module, names: Sequence[str]) -> list[str]:
     if not layers or layers[-1][0] not in names:
         return list(names)
     head = layers[-1][0]
-    rank_zero_info(f"RobustPruning: structured pruning leaves the classifier {head} dense (its rows are the classes)")
+    if say is not None:
+        say(f"RobustPruning: structured pruning leaves the classifier {head} dense (its rows are the classes)")
     return [n for n in names if n != head]
 
 
@@ -221,6 +224,7 @@ class RobustPruning(Callback):
         self.remove_channels = remove_channels
         self.dependents: dict[str, list[str]] = {}  # pruned layer -> BatchNorms held at zero with it
         self._hooks: list[Any] = []
+        self._said: set[str] = set()  # setup runs twice per fit (TemporalEnsemble calls it first): say things once
         self.pruned = False
         self.pruned_at_step: int | None = None
         self.selected_layers: list[str] = []
@@ -248,7 +252,7 @@ class RobustPruning(Callback):
         add_masks_(pl_module, self.include, self.exclude)
         self.selected_layers = [n for n, _, _ in iter_masked(pl_module) if n in selected]
         if self.mode == "structured":
-            self.selected_layers = without_classifier(pl_module, self.selected_layers)
+            self.selected_layers = without_classifier(pl_module, self.selected_layers, self._say_once)
         for hook in self._hooks:  # setup can run twice (TemporalEnsemble calls it first)
             hook.remove()
         self._hooks, self.dependents = [], {}
@@ -256,10 +260,15 @@ class RobustPruning(Callback):
             self.dependents = channel_dependents(pl_module, self.selected_layers)
             self._hooks = hold_dependents(pl_module, self.dependents)
             norms = sum(len(v) for v in self.dependents.values())
-            rank_zero_info(
+            self._say_once(
                 f"RobustPruning: pruned channels are removed: their bias and the γ/β of {norms} BatchNorm layer(s) "
                 "reading them are held at zero"
             )
+
+    def _say_once(self, message: str) -> None:
+        if message not in self._said:
+            self._said.add(message)
+            rank_zero_info(message)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Optimizers whose state cannot be masked fail now, not at the pruning epoch."""
