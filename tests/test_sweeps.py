@@ -156,6 +156,19 @@ def test_bad_value_in_a_sweep_fails_before_the_first_job(tmp_path: Path, pack_ro
     assert not (tmp_path / "sweep").exists()  # no job started
 
 
+def test_sweep_dry_run_lists_the_jobs_and_launches_nothing(tmp_path: Path, pack_root: Path) -> None:
+    cmd = [sys.executable, "-m", "frep_lightning.train", "-m", "experiment=table2", "model=resnet18",
+           "trainer.max_epochs=50", "hydra.callbacks.check_sweep.dry_run=true",
+           f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "dry run: 2 valid jobs, none launched:" in proc.stdout
+    assert "  0: " in proc.stdout and "  1: " in proc.stdout and "method=frep" in proc.stdout
+    assert "job 0: optim.milestones=[70, 85]" in proc.stdout + proc.stderr  # a 50-epoch cut of the recipe: said per job
+    assert not (tmp_path / "sweep").exists()
+
+
 # -- launchers ---------------------------------------------------------------------------------
 def launcher_cfg(*overrides: str) -> DictConfig:
     return cfg_for("hydra/launcher=gpus", *overrides, hydra=True).hydra

@@ -204,29 +204,46 @@ def multirun_jobs(config: DictConfig) -> list[list[str]] | None:
 class CheckSweep(HydraCallback):
     """Hydra callback (``conf/train.yaml``): before a multirun launches its first job, compose and validate
     every job's config, so a bad value in the 12th job fails the sweep now, naming the job, instead of
-    after 11 trainings (or stopping the basic launcher's sweep in the middle)."""
+    after 11 trainings (or stopping the basic launcher's sweep in the middle). ``dry_run``
+    (``hydra.callbacks.check_sweep.dry_run=true``) lists the jobs and their warnings and launches
+    nothing: Hydra refuses ``--cfg`` with ``-m``."""
+
+    def __init__(self, dry_run: bool = False) -> None:
+        if not isinstance(dry_run, bool):
+            raise ValueError(f"hydra.callbacks.check_sweep.dry_run={dry_run!r} must be true or false")
+        self.dry_run = dry_run
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra import compose
 
-        from frep_lightning.config import ConfigError, validate_train_config
+        from frep_lightning.config import ConfigError, schedule_warnings, validate_train_config
 
         jobs = multirun_jobs(config)
         name = kwargs.get("config_name") or "train"
         if not jobs or name != "train":
             return
-        problems = []
+        problems, warnings = [], []
         for num, job in enumerate(jobs):
             try:
-                validate_train_config(compose(config_name=name, overrides=job))
+                cfg = compose(config_name=name, overrides=job)
+                validate_train_config(cfg)
             except ConfigError as err:
                 problems.append(f"job {num} ({' '.join(job)}): {str(err).split(chr(10), 1)[-1].strip()}")
+                continue
+            warnings += [f"job {num}: {w}" for w in schedule_warnings(cfg)]
         if problems:  # SystemExit: Hydra turns a callback's exceptions into warnings and launches anyway
             raise SystemExit(
                 f"ConfigError: {len(problems)} of the {len(jobs)} sweep jobs have an invalid config; nothing was "
                 "launched:\n  " + "\n  ".join(problems)
             )
         log.info("CheckSweep: the %d jobs' configs are valid", len(jobs))
+        for warning in warnings:
+            log.warning(warning)
+        if self.dry_run:
+            print(f"dry run: {len(jobs)} valid jobs, none launched:")
+            for num, job in enumerate(jobs):
+                print(f"  {num}: {' '.join(job)}")
+            raise SystemExit(0)
 
 
 def sweep_jobs(devices: Any = "auto", devices_per_job: int = 1, jobs_per_device: int = 1) -> int:
