@@ -822,3 +822,16 @@ def test_a_checkpoint_unlike_the_export_is_flagged() -> None:
     late = {"callbacks": {"RobustPruning{'sparsity': 0.9}": {"pruned": True}, "TemporalEnsemble": {"bn_fresh": True}}}
     assert checkpoint_notes(late, run_cfg) == []
     assert checkpoint_notes(early, OmegaConf.create({"pruning": None}))[0].startswith("the ensemble's BatchNorm")
+
+
+def test_width_hint_names_the_class_count_when_the_config_has_another(tmp_path: Path) -> None:
+    """A CIFAR-10 width-4 model.pt evaluated as a CIFAR-100 width-16 model: ``model.width=4`` alone would
+    still not fit (the classifier has 10 rows, the config 100), so the hint names the 10 classes too."""
+    from frep_lightning.models import build_model
+
+    torch.save(build_model("resnet18", num_classes=10, width=4).state_dict(), tmp_path / "model.pt")
+    model_cfg = OmegaConf.create(
+        {"_target_": "frep_lightning.models.build_model", "name": "resnet18", "width": 16, "num_classes": 100}
+    )
+    with pytest.raises(ValueError, match=r"it fits model\.width=4 with 10 classes \(data\.name\): pass"):
+        load_model(tmp_path / "model.pt", None, model_cfg)

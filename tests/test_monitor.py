@@ -119,3 +119,19 @@ def test_pruning_damage_is_not_catastrophic_overfitting() -> None:
     resumed = RobustnessMonitor()
     resumed.load_state_dict(monitor.state_dict())
     assert resumed.masks_kept == monitor.masks_kept is not None  # a resume does not count as a change
+
+
+def test_pruning_after_resuming_a_checkpoint_without_masks_kept_is_not_a_collapse() -> None:
+    """A checkpoint saved before the monitor stored ``masks_kept`` (best 0.9 of the dense network), resumed
+    before the pruning epoch: the prune must still reset the best, not be reported as a collapse."""
+    from frep_lightning.pruning import apply_masks_, compute_masks
+
+    module = _module()
+    monitor = RobustnessMonitor(n_images=16, steps=1, batch_size=8)
+    monitor.load_state_dict({"best": 0.9, "history": [0.9], "collapsed_epochs": []})  # an older checkpoint
+    monitor.on_train_start(_trainer(1), module)  # type: ignore[arg-type]
+    apply_masks_(module, compute_masks(module, 0.99))  # pruning.epoch=1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monitor.on_train_epoch_end(_trainer(1), module)  # type: ignore[arg-type]
+    assert monitor.history[-1] < 0.45 and monitor.collapsed_epochs == []  # below 0.5 x 0.9, yet no collapse

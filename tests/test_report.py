@@ -544,3 +544,33 @@ def test_structured_rows_say_their_target_counts_channels_and_show_the_channels_
     assert "Channels removed: the fraction of the pruned layers' output channels" in report
     only = write_report([tmp_path / "t3" / "un"], tmp_path / "out2").read_text()
     assert "Channels removed" not in only
+
+
+def test_a_sweep_job_resumed_in_place_is_still_its_job(tmp_path: Path) -> None:
+    """slurm.yaml / README: a cut job resumes with ``ckpt_path=<dir>/checkpoints/last.ckpt hydra.run.dir=<dir>``,
+    which rewrites the job's overrides.yaml with ``ckpt_path`` added; the finished run is that job, not a
+    job that "never started"."""
+    sweep = tmp_path / "sw"
+    sweep.mkdir()
+    params = {"hydra": {"sweeper": {"params": {"seed": "0,1"}}, "overrides": {"task": ["method=frep"]}}}
+    OmegaConf.save(OmegaConf.create(params), sweep / "multirun.yaml")
+    summary = {"clean_acc": 0.8, "pgd_acc": 0.4}
+    write_run(sweep / "0", ["method=frep", "seed=0"], "frep", 0.9, summary)
+    resumed = ["method=frep", "seed=1", f"ckpt_path={sweep / '1' / 'checkpoints' / 'last.ckpt'}"]
+    write_run(sweep / "1", resumed, "frep", 0.9, summary)
+    report = write_report([sweep], tmp_path / "out").read_text()
+    assert "0 expected sweep job(s) not started" in report
+    assert "not started)" not in report and "40.0 ± 0.0 (n=2)" in _row(report, "frep")["PGD-10"]
+
+
+def test_seeds_that_differ_only_in_checkpointing_or_the_monitor_share_a_row(tmp_path: Path) -> None:
+    """Preemptible seeds (checkpoint.every_n_train_steps) and a seed without the overfitting watch train the
+    same network: they are seeds of one row, not rows of their own; another lambda still is a row."""
+    summary = {"clean_acc": 0.5, "pgd_acc": 0.3, "n_test": 1000, "eps": 8 / 255}
+    write_run(tmp_path / "s" / "a", ["seed=0"], "frep", 0.9, summary=summary)
+    write_run(tmp_path / "s" / "b", ["seed=1", "checkpoint.every_n_train_steps=500"], "frep", 0.9, summary=summary)
+    write_run(tmp_path / "s" / "c", ["seed=2", "monitor=null"], "frep", 0.9, summary=summary)
+    write_run(tmp_path / "s" / "d", ["seed=3", "method.objective.lam=2"], "frep", 0.9, summary=summary)
+    report = write_report([tmp_path / "s"], tmp_path / "out").read_text()
+    assert _row(report, "frep ")["PGD-10"] == "30.0 ± 0.0 (n=3)"
+    assert _row(report, "frep objective.lam=2")["PGD-10"] == "30.0"

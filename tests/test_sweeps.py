@@ -380,6 +380,11 @@ def test_a_wandb_login_key_counts_as_a_key(monkeypatch: pytest.MonkeyPatch, tmp_
     assert sweep.wandb_key_present()
     monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")  # a key for another server is not one
     assert not sweep.wandb_key_present()
+    netrc.write_text("machine wandb.example.org:8080\n  login user\n  password " + "k" * 40 + "\n")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://wandb.example.org:8080")  # wandb login's entry for a port
+    assert sweep.wandb_key_present()
+    netrc.write_text("default login anonymous password guest\n")  # an FTP-style default is not a W&B key
+    assert not sweep.wandb_key_present()
 
 
 def test_default_logger_is_wandb_only_with_an_api_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

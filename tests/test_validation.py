@@ -271,4 +271,7 @@ def test_lr_drops_after_the_last_epoch_are_warned(base: DictConfig) -> None:
     short = with_value(with_value(base, "optim.milestones", [70, 85]), "trainer.max_epochs", 30)
     (warning,) = schedule_warnings(short)
     assert "optim.milestones=[70, 85]" in warning and "trainer.max_epochs=30" in warning and "[21,26]" in warning
-    assert len(schedule_warnings(with_value(short, "trainer.max_epochs", 80))) == 1  # [85] still late
+    (warning,) = schedule_warnings(with_value(short, "trainer.max_epochs", 80))  # [85] still late
+    assert "[85]" in warning and "[56,68]" in warning
+    (warning,) = schedule_warnings(with_value(with_value(base, "optim.milestones", [5, 9]), "trainer.max_epochs", 8))
+    assert warning.endswith("move them below 8")  # not the paper's recipe: no proportions to scale

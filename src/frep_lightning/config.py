@@ -438,11 +438,16 @@ def schedule_warnings(cfg: DictConfig) -> list[str]:
     late = [m for m in milestones if _is_int(m) and m >= epochs]
     if not late:
         return []
+    paper = list(milestones) == [70, 85]  # the paper's recipe cut short: its proportions carry over
+    fix = (
+        f"scale them with the epochs, e.g. optim.milestones=[{round(0.7 * epochs)},{round(0.85 * epochs)}]"
+        if paper
+        else f"move them below {epochs}"
+    )
     return [
         f"optim.milestones={list(milestones)}: the LR drop(s) at epoch {late} come at or after "
         f"trainer.max_epochs={epochs}, so they never happen (the temporal ensemble's interval never grows "
-        "either); scale the milestones with the epochs, e.g. optim.milestones=[70,85] -> "
-        f"[{round(0.7 * epochs)},{round(0.85 * epochs)}]"
+        f"either); {fix}"
     ]
 
 

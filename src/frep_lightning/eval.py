@@ -173,7 +173,7 @@ def load_model(
     except RuntimeError as err:  # same keys, other shapes: another width or number of classes
         shapes = "; ".join(line.strip() for line in str(err).splitlines()[1:3])
         name, width = model_cfg.get("name"), model_cfg.get("width")
-        hint = fitting_settings(name, state)
+        hint = fitting_settings(name, state, model_cfg.get("num_classes"))
         hint = f"; it fits {hint}: pass that override (or keep the run's config.yaml beside the file)" if hint else ""
         raise _not_ours(path, f"its tensor shapes do not fit model {name!r} (width {width}): {shapes}{hint}") from err
     if missing or unexpected:
@@ -185,10 +185,11 @@ def load_model(
     return model.eval()
 
 
-def fitting_settings(name: Any, state: Mapping[str, Tensor]) -> str | None:
+def fitting_settings(name: Any, state: Mapping[str, Tensor], num_classes: Any = 10) -> str | None:
     """``model.width=W`` (and ``num_classes=K``) under which built-in model ``name`` has exactly the shapes of
     ``state``: what a bare model.pt of another width needs. Candidates come from the first conv widths
-    (ResNet/VGG: base channels; WRN: widen factor = first block's width / 16); None when none fits."""
+    (ResNet/VGG: base channels; WRN: widen factor = first block's width / 16); None when none fits. The class
+    count is named whenever it differs from ``num_classes`` (the config's): the width alone would not fit."""
     from frep_lightning.models import BUILTIN, build_model
 
     convs = [v.shape[0] for k, v in state.items() if v.dim() == 4 and k.endswith(".weight")]
@@ -202,7 +203,7 @@ def fitting_settings(name: Any, state: Mapping[str, Tensor]) -> str | None:
         except (ValueError, RuntimeError):
             continue
         if shapes.keys() == state.keys() and all(shapes[k] == state[k].shape for k in shapes):
-            return f"model.width={width}" + (f" with {classes} classes (data.name)" if classes != 10 else "")
+            return f"model.width={width}" + (f" with {classes} classes (data.name)" if classes != num_classes else "")
     return None
 
 
@@ -216,7 +217,7 @@ def prunable_layers(model: nn.Module, run_cfg: DictConfig | None) -> list[str] |
         n for n, _ in select_layers(holder, run_cfg.pruning.get("include", ["*"]), run_cfg.pruning.get("exclude", []))
     ]
     if run_cfg.pruning.get("mode") == "structured":  # as RobustPruning selects them
-        names = without_classifier(holder, names)
+        names = without_classifier(holder, names, say=None)
     return [n[len("model.") :] for n in names]
 
 

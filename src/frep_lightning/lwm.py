@@ -16,7 +16,6 @@ so the method is a callback + the PGD objective + plain weights, not a separate 
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -146,17 +145,8 @@ class GradualPruning(RobustPruning):
         """Besides the first pruning step (the parent's check), a ``max_steps`` that ends training before
         the final step fails now: the run would export a model at an intermediate sparsity."""
         super().on_train_start(trainer, pl_module)
-        batches = trainer.num_training_batches
-        if self.pruned or trainer.max_steps < 0 or not isinstance(batches, int) or batches == 0:
-            return
-        end = self.final_epoch(trainer.max_epochs)
-        steps_before = end * math.ceil(batches / max(1, trainer.accumulate_grad_batches))
-        if trainer.max_steps <= steps_before:
-            raise ValueError(
-                f"pruning.end_epoch={end} starts after optimizer step {steps_before} ({batches} batches per epoch) "
-                f"but trainer.max_steps={trainer.max_steps}: the final sparsity {self.sparsity} would never be "
-                "reached; lower pruning.end_epoch or raise trainer.max_steps"
-            )
+        final = f"the final sparsity {self.sparsity} would never be reached"
+        self.check_reached(trainer, self.final_epoch(trainer.max_epochs), "pruning.end_epoch", final)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Stopped between the first and the final step (max_time, early stopping): say which sparsity the

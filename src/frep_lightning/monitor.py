@@ -91,6 +91,13 @@ class RobustnessMonitor(Callback):
         self.collapsed = collapsed
         return collapsed
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A checkpoint saved before ``masks_kept`` existed restores None: the restored masks are then the
+        last seen, or a prune later in the resumed run would not reset the best and its damage would be
+        reported as catastrophic overfitting (a fresh run's first prune resets a best of 0: no change)."""
+        if self.masks_kept is None:
+            self.masks_kept = _masks_kept(pl_module)
+
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         loader_fn = getattr(trainer.datamodule, "train_subset_loader", None) if trainer.datamodule else None
         if loader_fn is None:

@@ -283,15 +283,19 @@ class RobustPruning(Callback):
         """A ``max_steps`` that ends training before the pruning epoch fails now (the epoch length is
         known only here): the run would export a dense model."""
         self.remove_restored_channels(trainer, pl_module)
+        self.check_reached(trainer, self.epoch, "pruning.epoch", "pruning would never run")
+
+    def check_reached(self, trainer: pl.Trainer, epoch: int, key: str, consequence: str) -> None:
+        """Fail when ``trainer.max_steps`` ends training before the start of ``epoch`` (named ``key``); the
+        epoch length is known only once training starts."""
         batches = trainer.num_training_batches
         if self.pruned or trainer.max_steps < 0 or not isinstance(batches, int) or batches == 0:
             return
-        steps_before = self.epoch * math.ceil(batches / max(1, trainer.accumulate_grad_batches))
+        steps_before = epoch * math.ceil(batches / max(1, trainer.accumulate_grad_batches))
         if trainer.max_steps <= steps_before:
             raise ValueError(
-                f"pruning.epoch={self.epoch} starts after optimizer step {steps_before} ({batches} batches per epoch) "
-                f"but trainer.max_steps={trainer.max_steps}: pruning would never run; lower pruning.epoch or raise "
-                "trainer.max_steps"
+                f"{key}={epoch} starts after optimizer step {steps_before} ({batches} batches per epoch) but "
+                f"trainer.max_steps={trainer.max_steps}: {consequence}; lower {key} or raise trainer.max_steps"
             )
 
     def remove_restored_channels(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

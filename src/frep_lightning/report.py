@@ -56,7 +56,12 @@ PLACEMENT_KEYS = ("data", "model", "method", "pruning.sparsity", "seed", "experi
 # that differ in any other override are two rows, never two seeds of one (e.g. experiment=table4 vs
 # experiment=table4_structured at 70%, or two sweeps with different trainer.max_epochs)
 ROW_KEYS = ("data", "model", "method", "pruning.sparsity")
-NEUTRAL_KEYS = ("seed", "logger", "ckpt_path", "run_dir", "data.root", "data.cache_dir", "data.num_workers")
+NEUTRAL_KEYS = (
+    "seed", "logger", "ckpt_path", "run_dir", "data.root", "data.cache_dir", "data.num_workers", "monitor",
+    "checkpoint.every_n_train_steps", "checkpoint.background",
+)  # fmt: skip
+# and every key under these: where a run logs, and the overfitting watch (its own RNG: the run is unchanged)
+NEUTRAL_PREFIXES = ("hydra", "logger.", "monitor.")
 NAMES = {
     "cifar10": "CIFAR-10",
     "cifar100": "CIFAR-100",
@@ -107,6 +112,16 @@ def _override_key(override: str) -> str:
 
 def _override_value(override: str) -> str:
     return override.split("=", 1)[1] if "=" in override else ""
+
+
+# overrides that a resume adds to a job (``ckpt_path=<dir>/checkpoints/last.ckpt hydra.run.dir=<dir>`` rewrites
+# the job's .hydra/overrides.yaml with them): the run is still that job
+RESUME_KEYS = ("ckpt_path",)
+
+
+def job_key(overrides: Iterable[str]) -> frozenset[str]:
+    """What identifies a sweep job among runs: its overrides, less those a resume in place adds."""
+    return frozenset(o for o in overrides if _override_key(o) not in RESUME_KEYS)
 
 
 class Number(NamedTuple):
@@ -394,10 +409,10 @@ class Sweep:
 
     def missing(self) -> list[tuple[list[str], str]]:
         """(overrides, reason) for every expected job without a finished run."""
-        by_overrides = {frozenset(r.overrides): r for r in self.runs}
+        by_overrides = {job_key(r.overrides): r for r in self.runs}
         out = []
         for job in self.expected:
-            run = by_overrides.get(frozenset(job))
+            run = by_overrides.get(job_key(job))
             if run is None:
                 out.append((job, "no run directory (not started)"))
             elif not run.done:
@@ -406,8 +421,8 @@ class Sweep:
 
     def not_started(self) -> int:
         """Expected jobs with no run directory (a started run without results is counted as a run)."""
-        started = {frozenset(r.overrides) for r in self.runs}
-        return sum(frozenset(job) not in started for job in self.expected)
+        started = {job_key(r.overrides) for r in self.runs}
+        return sum(job_key(job) not in started for job in self.expected)
 
 
 def expected_jobs(multirun_yaml: Path) -> tuple[list[list[str]], tuple[str, ...]]:
@@ -482,7 +497,7 @@ def loose_variant_keys(run: Run, runs: list[Run]) -> tuple[str, ...]:
             continue
         theirs = {_override_key(o): _override_value(o) for o in other.overrides}
         keys |= {k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k)}
-    return tuple(sorted(k for k in keys if k not in ROW_KEYS + NEUTRAL_KEYS and not k.startswith("hydra")))
+    return tuple(sorted(k for k in keys if k not in ROW_KEYS + NEUTRAL_KEYS and not k.startswith(NEUTRAL_PREFIXES)))
 
 
 # -- tables ------------------------------------------------------------------------------
@@ -955,7 +970,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path, title: str = "fre
             any_missing = True
     # runs a sweep's job list names are listed above; any other run without results here (outside a
     # sweep, in a sweep whose job list is unreadable, or whose overrides are not one of its jobs)
-    listed = {r.path for s in sweeps for r in s.runs if frozenset(r.overrides) in {frozenset(j) for j in s.expected}}
+    listed = {r.path for s in sweeps for r in s.runs if job_key(r.overrides) in {job_key(j) for j in s.expected}}
     for run in runs:
         if not run.done and run.path not in listed:
             lines.append(f"- run `{run.path}`: no summary.json / eval.json (failed or still running)")

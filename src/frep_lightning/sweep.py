@@ -283,16 +283,17 @@ def wandb_key_present() -> bool:
 
     if os.environ.get("WANDB_API_KEY"):
         return True
-    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or ""
+    url = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    machines = [url.netloc, url.hostname or ""]  # wandb login writes host:port for a server on a port
     candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else [
         os.path.expanduser("~/.netrc"), os.path.expanduser("~/_netrc")
     ]  # fmt: skip
     for path in candidates:
         try:
-            entry = netrc.netrc(path).authenticators(host)
+            hosts = netrc.netrc(path).hosts  # not authenticators(): it falls back to the `default` entry
         except (OSError, netrc.NetrcParseError):
             continue
-        if entry and entry[2]:
+        if any(machine in hosts and hosts[machine][2] for machine in machines):
             return True
     return False
 

@@ -174,7 +174,7 @@ def build_logger(cfg: DictConfig, run_dir: Path) -> Any:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train one configuration and return its summary (also written to ``summary.json``)."""
     validate_train_config(cfg, check_data=True)  # every key, eval.attacks included, before data loads
-    for warning in schedule_warnings(cfg):
+    for warning in [] if _is_ddp_child() else schedule_warnings(cfg):  # once, not once per rank
         log.warning(warning)
     check_resume(cfg)
     run_dir = _run_dir(cfg)
