@@ -196,3 +196,88 @@ def test_update_due_at_the_last_step_before_an_lr_drop_happens(tmp_path) -> None
     assert ens.interval == 30
     assert ens.n_updates == 2  # t=3 (copy: 3.0) and t=6 (tau=1/2)
     assert float(module.w.detach()) == pytest.approx(0.5 * 3.0 + 0.5 * 6.0, abs=1e-6)
+
+
+class ValBNNet(BNNet):
+    """BNNet with a validation loop (the ensemble is swapped in for it)."""
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,))), batch_size=8)
+
+
+def test_bf16_validation_swap_keeps_the_ensemble_in_fp32(tmp_path) -> None:
+    """Swapping the fp32 ensemble into a bf16-true module and back used to round it to bf16 at every validation."""
+    ensembles = []
+    for val_batches in (0, 1):
+        torch.manual_seed(0)
+        ens = TemporalEnsemble(tau0=0.9, c=1.0, every_n_steps=1, bn="copy")
+        trainer = quiet_trainer(
+            tmp_path, [ens], max_epochs=3, precision="bf16-true", limit_val_batches=val_batches, num_sanity_val_steps=0
+        )
+        trainer.fit(ValBNNet())
+        ensembles.append([p.detach().clone() for p in ens._average_model.module.parameters()])
+    assert all(p.dtype == torch.float32 for p in ensembles[1])
+    assert any(not torch.equal(p, p.bfloat16().float()) for p in ensembles[0])  # not representable in bf16
+    for without, with_val in zip(*ensembles, strict=True):
+        assert torch.equal(without, with_val)  # validating changes nothing in the ensemble
+
+
+class ClimbVal(Climb):
+    """Climb with a validation step that fails, or that saves a checkpoint (a signal handler's save)."""
+
+    def __init__(self, action: str, path=None) -> None:
+        super().__init__()
+        self.action, self.path = action, path
+
+    def forward(self, x):
+        return self.w * x
+
+    def validation_step(self, batch, batch_idx):
+        if self.action == "fail":
+            raise RuntimeError("validation failed")
+        self.trainer.save_checkpoint(self.path)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.zeros(1, 1)), batch_size=1)
+
+
+def test_failure_inside_validation_leaves_the_live_model_in_the_module(tmp_path) -> None:
+    # steps 1, 2 give w = 1, 2; the ensemble is 1.0, then 0.5 * 1 + 0.5 * 2 = 1.5; validation after step 2 fails
+    module, ens = ClimbVal("fail"), TemporalEnsemble(tau0=0.9, c=1.0, every_n_steps=1, bn="copy")
+    trainer = quiet_trainer(tmp_path, [ens], max_epochs=2, num_sanity_val_steps=0)
+    with pytest.raises(RuntimeError, match="validation failed"):
+        trainer.fit(module)
+    assert float(module.w.detach()) == 2.0
+    assert float(ens._average_model.module.w.detach()) == 1.5 and not ens._swapped
+
+
+def test_checkpoint_saved_inside_validation_has_the_fit_layout(tmp_path) -> None:
+    path = tmp_path / "inside.ckpt"
+    module, ens = ClimbVal("save", path), TemporalEnsemble(tau0=0.9, c=1.0, every_n_steps=1, bn="copy")
+    quiet_trainer(tmp_path, [ens], max_epochs=1, num_sanity_val_steps=0).fit(module)
+    ckpt = torch.load(path, weights_only=True)
+    assert float(ckpt["state_dict"]["w"]) == 1.5  # the ensemble
+    assert float(ckpt["current_model_state"]["w"]) == 2.0  # the live model
+    assert float(module.w.detach()) == 1.5  # kept at the end, as always
+
+
+def test_pruning_after_the_last_update_refreshes_the_ensemble_batchnorm(tmp_path) -> None:
+    """BN statistics recomputed at a validation describe the unpruned ensemble; pruning changes its weights
+    without an update, so the statistics kept at the end must be recomputed for the pruned weights."""
+    from frep_lightning.pruning import RobustPruning
+
+    module = ValBNNet()
+    ens = TemporalEnsemble(every_n_steps=4, bn="recompute", bn_batches=4)  # one update: step 4, end of epoch 0
+    pruning = RobustPruning(0.5, epoch=1)
+    fit_trainer = quiet_trainer(tmp_path, [ens, pruning], max_epochs=2, max_steps=7, num_sanity_val_steps=0)
+    fit_trainer.fit(module)
+    assert pruning.pruned and ens.n_updates == 1
+    avg = ens._average_model.module
+    with torch.no_grad():
+        h = avg.net[0](torch.cat([b[0] for b in module.train_dataloader()]))  # the pruned ensemble's layer
+    assert int((avg.net[0].weight == 0).sum()) > 0
+    torch.testing.assert_close(avg.net[1].running_mean, h.mean(0), rtol=1e-5, atol=1e-5)
+    assert torch.equal(module.net[1].running_mean, avg.net[1].running_mean)

@@ -144,7 +144,9 @@ class TemporalEnsemble(WeightAveraging):
         self.lr_at_interval_change: float | None = None
         self.last_tau: float | None = None
         self._bn_fresh = True  # ensemble BN stats match its weights
+        self._bn_masks: list[int] | None = None  # mask fingerprint of the ensemble when its BN stats were made
         self._swapped = False
+        self._stash: dict[int, Tensor] = {}  # fp32 ensemble tensors while swapped into a bf16 module
         self._kept = False  # the ensemble has been copied into the module at the end of this fit
         self._delta: list[Any] = [0.0, 0]  # (sum, count) of Eq. 14 over this validation epoch
 
@@ -274,14 +276,24 @@ class TemporalEnsemble(WeightAveraging):
         return x
 
     # -- BatchNorm ----------------------------------------------------------------------
+    def _mask_fingerprint(self) -> list[int]:
+        """Kept entries per pruning mask of the ensemble: pruning (one-shot or gradual) changes the ensemble's
+        weights without an update, and statistics from before it no longer describe them."""
+        from frep_lightning.reparam import iter_masked
+
+        assert self._average_model is not None
+        return [int(p.mask.count_nonzero()) for _, _, p in iter_masked(self._average_model.module)]
+
     @torch.no_grad()
     def recompute_bn(self, trainer: pl.Trainer) -> None:
         """Re-estimate the ensemble's BN running statistics on training batches."""
         assert self._average_model is not None
         model = self._average_model.module
         layers = _bn_layers(model)
-        if not layers or self._bn_fresh:
-            self._bn_fresh = True
+        masks = self._mask_fingerprint()
+        pruned_since = self.bn == "recompute" and self._bn_masks is not None and self._bn_masks != masks
+        if not layers or (self._bn_fresh and not pruned_since):
+            self._bn_fresh, self._bn_masks = True, masks
             return
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is not None and hasattr(datamodule, "train_subset_loader"):
@@ -306,15 +318,14 @@ class TemporalEnsemble(WeightAveraging):
         for m, mom in zip(layers, momenta, strict=True):
             m.momentum = mom
         model.train(was_training)
-        self._bn_fresh = True
+        self._bn_fresh, self._bn_masks = True, masks
 
     # -- validation / end of training ------------------------------------------------------
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Validate the ensemble once it holds at least one update (before that it is the init)."""
         if self._average_model is not None and self.n_updates > 0 and trainer.state.fn == "fit":
             self.recompute_bn(trainer)
-            self._swap_models(pl_module)
-            self._swapped = True
+            self._swap_in(pl_module)
             self._delta = [torch.zeros((), device=pl_module.device), 0]
 
     def on_validation_batch_end(
@@ -338,9 +349,48 @@ class TemporalEnsemble(WeightAveraging):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._swapped and self._delta[1]:
             pl_module.log("ensemble/delta", self._delta[0] / self._delta[1], on_epoch=True, sync_dist=True)
-        if self._swapped:
-            self._swap_models(pl_module)
-            self._swapped = False
+        self._swap_out(pl_module)
+
+    def _pairs(self, pl_module: nn.Module) -> list[tuple[Tensor, Tensor]]:
+        assert self._average_model is not None
+        avg = self._average_model.module
+        return list(
+            zip(
+                itertools.chain(avg.parameters(), avg.buffers()),
+                itertools.chain(pl_module.parameters(), pl_module.buffers()),
+                strict=True,
+            )
+        )
+
+    @torch.no_grad()
+    def _swap_in(self, pl_module: nn.Module) -> None:
+        """Put the ensemble into the module and the live weights into the averaged copy. Where the module
+        is of lower precision (``bf16-true``), the fp32 ensemble is kept aside: swapping it back from the
+        module would round the ensemble to bf16 at every validation."""
+        for i, (a, c) in enumerate(self._pairs(pl_module)):
+            if a.dtype != c.dtype:
+                self._stash[i] = a.detach().clone()
+            tmp = a.detach().clone()
+            a.copy_(c)
+            c.copy_(tmp)
+        self._swapped = True
+
+    @torch.no_grad()
+    def _swap_out(self, pl_module: nn.Module) -> None:
+        """Undo :meth:`_swap_in` (no-op when not swapped)."""
+        if not self._swapped:
+            return
+        for i, (a, c) in enumerate(self._pairs(pl_module)):
+            tmp = a.detach().clone()
+            a.copy_(self._stash.get(i, c))
+            c.copy_(tmp)
+        self._stash, self._swapped = {}, False
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """A failure (or Ctrl-C) inside validation must not leave the ensemble in the module and the live
+        weights in the averaged copy: a checkpoint written by an exception handler, or a later fit, would
+        continue from swapped models."""
+        self._swap_out(pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.keep(trainer, pl_module)
@@ -369,10 +419,17 @@ class TemporalEnsemble(WeightAveraging):
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
-        """``state_dict`` holds the ensemble (the kept model), ``current_model_state`` the live one."""
+        """``state_dict`` holds the ensemble (the kept model), ``current_model_state`` the live one, also for a
+        save inside validation (Lightning's SLURM signal handler, an exception checkpoint), when they are swapped."""
+        swapped = self._swapped
+        self._swap_out(pl_module)  # checkpoint["state_dict"] shares the module's storage: now the live model
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
         if self._average_model is not None and self.n_updates == 0:
             checkpoint["state_dict"] = checkpoint["current_model_state"]
+        if swapped:  # detach the saved state from the tensors that the swap changes again
+            for key in ("state_dict", "current_model_state"):
+                checkpoint[key] = {k: v.clone() if isinstance(v, Tensor) else v for k, v in checkpoint[key].items()}
+            self._swap_in(pl_module)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -381,6 +438,7 @@ class TemporalEnsemble(WeightAveraging):
             "lr_at_interval_change": self.lr_at_interval_change,
             "last_tau": self.last_tau,
             "bn_fresh": self._bn_fresh,
+            "bn_masks": self._bn_masks,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -389,3 +447,4 @@ class TemporalEnsemble(WeightAveraging):
         self.lr_at_interval_change = state_dict.get("lr_at_interval_change")
         self.last_tau = state_dict.get("last_tau")
         self._bn_fresh = bool(state_dict.get("bn_fresh", True))
+        self._bn_masks = state_dict.get("bn_masks")
