@@ -281,3 +281,23 @@ def test_pruning_after_the_last_update_refreshes_the_ensemble_batchnorm(tmp_path
     assert int((avg.net[0].weight == 0).sum()) > 0
     torch.testing.assert_close(avg.net[1].running_mean, h.mean(0), rtol=1e-5, atol=1e-5)
     assert torch.equal(module.net[1].running_mean, avg.net[1].running_mean)
+
+
+def test_side_loader_of_a_batch_sampler_loader_keeps_its_batch_size() -> None:
+    """BN re-estimation on a user's loader built with batch_sampler= (batch_size None) uses its batches'
+    size, not batches of one (whose statistics would be meaningless)."""
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler, TensorDataset
+
+    from frep_lightning.ensemble import _side_loader
+
+    class Pairs:  # a sampler of index lists without a batch_size attribute
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            return iter([[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]])
+
+        def __len__(self) -> int:
+            return 2
+
+    data = TensorDataset(torch.rand(10, 3))
+    sampled = DataLoader(data, batch_sampler=BatchSampler(RandomSampler(data), batch_size=4, drop_last=False))
+    assert next(iter(_side_loader(sampled)))[0].shape[0] == 4
+    assert next(iter(_side_loader(DataLoader(data, batch_sampler=Pairs()))))[0].shape[0] == 5  # type: ignore[arg-type]

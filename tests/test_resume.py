@@ -739,3 +739,31 @@ def test_resume_with_other_settings_is_refused_before_training(
     torch.save(state, bare)
     with pytest.raises(ConfigError, match=r"its weights do not fit the model this config builds"):
         run_with(tiny_cfg(pack_root, cache_dir, tmp_path / "z", f"ckpt_path={bare}", "model.width=3"), monkeypatch)
+
+
+def test_training_clock_reused_across_fits_restarts(tmp_path: Path) -> None:
+    """One TrainingClock instance in two fits: the second reports its own time, not the sum."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import helpers
+    from frep_lightning.checkpointing import TrainingClock
+
+    class Slow(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(2, 1)
+
+        def training_step(self, batch: list[torch.Tensor], _: int) -> torch.Tensor:
+            time.sleep(0.5)
+            return self.layer(batch[0]).sum()
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    clock = TrainingClock()
+    loader = DataLoader(TensorDataset(torch.rand(2, 2)), batch_size=1)
+    helpers.quiet_trainer(tmp_path, [clock], max_epochs=1).fit(Slow(), loader)
+    first = clock.seconds
+    helpers.quiet_trainer(tmp_path, [clock], max_steps=1).fit(Slow(), loader)
+    assert first >= 1.0 and clock.seconds < first  # one 0.5 s step, not 1.0 s + 0.5 s

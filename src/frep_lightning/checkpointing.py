@@ -308,6 +308,12 @@ class TrainingClock(Callback):
     def seconds(self) -> float:
         return self.before + (0.0 if self.started is None else time.perf_counter() - self.started)
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """A new fit starts from zero (a resumed one then loads its checkpoint's seconds): a clock reused
+        across fits must not add them up."""
+        if stage == "fit":
+            self.before, self.started = 0.0, None
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.started = time.perf_counter()
 

@@ -70,9 +70,14 @@ def _side_loader(loader: Any) -> Any:
         return loader
     dataset = loader.dataset
     shuffle = not isinstance(dataset, IterableDataset) and not isinstance(loader.sampler, SequentialSampler)
+    # a loader built with batch_sampler= has batch_size None: its sampler's size (BN statistics from
+    # batches of 1 would be meaningless), else one batch's length
+    batch_size = loader.batch_size or getattr(loader.batch_sampler, "batch_size", None)
+    if not batch_size and loader.batch_sampler is not None:
+        batch_size = len(next(iter(loader.batch_sampler)))
     return DataLoader(
         dataset,
-        batch_size=loader.batch_size or 1,
+        batch_size=batch_size or 1,
         shuffle=shuffle,
         generator=torch.Generator().manual_seed(0) if shuffle else None,
         collate_fn=loader.collate_fn,
