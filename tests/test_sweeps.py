@@ -156,6 +156,19 @@ def test_bad_value_in_a_sweep_fails_before_the_first_job(tmp_path: Path, pack_ro
     assert not (tmp_path / "sweep").exists()  # no job started
 
 
+def test_a_bad_key_of_a_single_run_is_its_message_alone(tmp_path: Path) -> None:
+    """No Hydra traceback around a config error: the message names the key and what to change."""
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    for cmd, start in (
+        (["frep_lightning.train", "optim.lr=-1", f"hydra.run.dir={tmp_path / 'run'}"], "frep-train: invalid config"),
+        (["frep_lightning.eval", f"ckpt={tmp_path / 'nothing'}"], "frep-eval: ckpt="),
+    ):
+        proc = subprocess.run([sys.executable, "-m", *cmd], cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=300, check=False)  # fmt: skip
+        assert proc.returncode == 1 and proc.stderr.startswith(start), proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and "HYDRA_FULL_ERROR" not in proc.stderr
+
+
 def test_sweep_dry_run_lists_the_jobs_and_launches_nothing(tmp_path: Path, pack_root: Path) -> None:
     cmd = [sys.executable, "-m", "frep_lightning.train", "-m", "experiment=table2", "model=resnet18",
            "trainer.max_epochs=50", "hydra.callbacks.check_sweep.dry_run=true",

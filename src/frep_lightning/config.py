@@ -44,6 +44,23 @@ class DataNotFoundError(ConfigError, FileNotFoundError):
     """``data.root`` holds no usable dataset and ``data.download`` is off."""
 
 
+def exit_on_config_error(
+    app: str, run: Callable[[], Any], errors: tuple[type[BaseException], ...] = (ConfigError,)
+) -> Any:
+    """``run()``; a :class:`ConfigError` (bad key, missing data; or any of ``errors``) of a single run ends the
+    process with its
+    message alone, not Hydra's traceback around it: the message names the key and says what to change.
+    In a multirun it propagates as before (Hydra reports the failing job)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return run()
+    except errors as err:
+        if HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN":
+            raise
+        raise SystemExit(f"{app}: {err}") from None
+
+
 def config_dir() -> str:
     """``conf/`` of a source checkout / editable install, or the copy packaged in a wheel."""
     packaged = Path(__file__).resolve().parent / "conf"

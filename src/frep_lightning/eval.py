@@ -39,7 +39,7 @@ from frep_lightning import __version__
 from frep_lightning.attacks import parse_eps
 from frep_lightning.checkpointing import callback_states
 from frep_lightning.compression import compression_report, human_bytes
-from frep_lightning.config import ConfigError, closed_key_errors, enabled
+from frep_lightning.config import ConfigError, closed_key_errors, enabled, exit_on_config_error
 from frep_lightning.evaluate import (
     AA_COMPONENTS,
     AA_VERSIONS,
@@ -525,7 +525,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    exit_on_config_error("frep-eval", lambda: run(cfg), (ConfigError, FileNotFoundError))  # ckpt= names no file
 
 
 __all__ = ["ATTACKS", "find_run_config", "load_model", "main", "resolve_ckpt", "run", "validate_eval_config"]

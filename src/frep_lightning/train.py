@@ -43,6 +43,7 @@ from frep_lightning.config import (
     ConfigError,
     config_dir,
     enabled,
+    exit_on_config_error,
     num_classes,
     schedule_warnings,
     validate_train_config,
@@ -371,7 +372,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         child = [*_hydra_flags(sys.argv[1:]), *HydraConfig.get().overrides.task]
         child += [f'hydra.run.dir="{run_dir}"', "hydra.output_subdir=null"]
         os.environ[CHILD_ARGV_ENV] = json.dumps(child)
-    run(cfg)
+    exit_on_config_error("frep-train", lambda: run(cfg))
 
 
 def main() -> None:
