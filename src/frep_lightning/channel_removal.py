@@ -36,7 +36,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from frep_lightning.reparam import iter_masked, weight_parametrization
+from frep_lightning.reparam import iter_masked, mask_with_state_, weight_parametrization
 
 _NORMS = (nn.modules.batchnorm._BatchNorm,)
 
@@ -225,11 +225,7 @@ def zero_dependents_(
         keep = channel_keep(masks[layer])
         for tensor in dependent_tensors(model, layer, norms):
             found.append(((tensor != 0) & (keep == 0).to(tensor.device)).sum())
-            tensor.mul_(keep.to(tensor))
-            for opt in optimizers:
-                for value in opt.state.get(tensor, {}).values():
-                    if isinstance(value, Tensor) and value.shape == tensor.shape:
-                        value.mul_(keep.to(value))
+            mask_with_state_(tensor, keep, optimizers)
     return int(torch.stack([f.to(found[0].device) for f in found]).sum()) if found else 0
 
 

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
 from frep_lightning.checks import check_choice, check_int, check_real
+from frep_lightning.reparam import factors, kept_per_mask, weight_parametrization
 
 BN_MODES = ("recompute", "copy", "average")
 AVERAGE_MODES = ("factors", "product")
@@ -234,8 +235,6 @@ class TemporalEnsemble(WeightAveraging):
     def _update_products(avg_module: nn.Module, live: nn.Module, tau: float) -> set[int]:
         """EMA of the merged weight of every reparameterized layer, written back as factors;
         returns the ids of the factor tensors it set."""
-        from frep_lightning.reparam import factors, weight_parametrization
-
         done: set[int] = set()
         for m_avg, m in zip(avg_module.modules(), live.modules(), strict=True):
             p_avg = weight_parametrization(m_avg)
@@ -281,21 +280,13 @@ class TemporalEnsemble(WeightAveraging):
         return x
 
     # -- BatchNorm ----------------------------------------------------------------------
-    def _mask_fingerprint(self) -> list[int]:
-        """Kept entries per pruning mask of the ensemble: pruning (one-shot or gradual) changes the ensemble's
-        weights without an update, and statistics from before it no longer describe them."""
-        from frep_lightning.reparam import iter_masked
-
-        assert self._average_model is not None
-        return [int(p.mask.count_nonzero()) for _, _, p in iter_masked(self._average_model.module)]
-
     @torch.no_grad()
     def recompute_bn(self, trainer: pl.Trainer) -> None:
         """Re-estimate the ensemble's BN running statistics on training batches."""
         assert self._average_model is not None
         model = self._average_model.module
         layers = _bn_layers(model)
-        masks = self._mask_fingerprint()
+        masks = kept_per_mask(model)  # pruning changes the ensemble's weights without an update
         pruned_since = self.bn == "recompute" and self._bn_masks is not None and self._bn_masks != masks
         if not layers or (self._bn_fresh and not pruned_since):
             self._bn_fresh, self._bn_masks = True, masks

@@ -25,17 +25,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from frep_lightning.attacks import PGD, PRECISIONS, attack_precision, cross_entropy_loss, eval_mode
 from frep_lightning.checks import check_choice, check_int
+from frep_lightning.reparam import kept_per_mask
 
 RANDOM_START_SEED = 0  # the PGD random start: one fixed draw, so epochs differ only by their weights
 
 
 def _masks_kept(module: torch.nn.Module) -> int | None:
-    """Pruning-mask entries kept over the module's masked layers (None without masks): changes exactly
-    when a pruning callback installs new masks."""
-    from frep_lightning.reparam import iter_masked
-
-    counts = [p.mask.count_nonzero() for _, _, p in iter_masked(module)]
-    return int(torch.stack(counts).sum()) if counts else None
+    """Pruning-mask entries kept over the module's masked layers (None without masks)."""
+    kept = kept_per_mask(module)
+    return sum(kept) if kept else None
 
 
 class RobustnessMonitor(Callback):

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from frep_lightning.channel_removal import channel_dependents, hold_dependents, zero_dependents_
 from frep_lightning.checks import check_choice, check_int, check_patterns, check_real
-from frep_lightning.reparam import add_masks_, factor_masks, factors, iter_masked, select_layers
+from frep_lightning.reparam import add_masks_, factor_masks, factors, iter_masked, mask_with_state_, select_layers
 
 MODES = ("unstructured", "structured")
 
@@ -124,13 +124,8 @@ def apply_masks_(model: nn.Module, masks: dict[str, Tensor], optimizers: Sequenc
         module, p = layers[name]
         p.mask.copy_(mask.to(p.mask))
         for tensor, fmask in zip(factors(module), factor_masks(p, p.mask), strict=False):
-            if fmask is None:
-                continue
-            tensor.mul_(fmask)
-            for opt in optimizers:
-                for value in opt.state.get(tensor, {}).values():
-                    if isinstance(value, Tensor) and value.shape == tensor.shape:
-                        value.mul_(fmask)
+            if fmask is not None:
+                mask_with_state_(tensor, fmask, optimizers)
 
 
 # Optimizers whose state is not per weight (L-BFGS: flattened history vectors).

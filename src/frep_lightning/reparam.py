@@ -250,6 +250,24 @@ def merged_weights(model: nn.Module) -> dict[str, Tensor]:
         return {name: module.weight.detach() for name, module, _ in iter_masked(model)}
 
 
+def kept_per_mask(model: nn.Module) -> list[int]:
+    """Entries kept by each pruning mask of ``model`` (one host sync): it changes exactly when pruning
+    installs new masks, which is what the ensemble's BN statistics and the overfitting watch look for."""
+    counts = [p.mask.count_nonzero() for _, _, p in iter_masked(model)]
+    return torch.stack(counts).tolist() if counts else []
+
+
+@torch.no_grad()
+def mask_with_state_(tensor: Tensor, mask: Tensor, optimizers: Sequence[torch.optim.Optimizer] = ()) -> None:
+    """``tensor *= mask``, and the same for every optimizer state tensor of ``tensor`` (momentum, Adam's
+    moments), so that neither momentum nor a moment estimate revives a zeroed entry."""
+    tensor.mul_(mask.to(tensor))
+    for opt in optimizers:
+        for value in opt.state.get(tensor, {}).values():
+            if isinstance(value, Tensor) and value.shape == tensor.shape:
+                value.mul_(mask.to(value))
+
+
 def factor_masks(p: MaskedWeight, mask: Tensor) -> tuple[Tensor | None, ...]:
     """Per-factor masks implied by a weight mask: entries of the factors that can only feed
     pruned weights. Zeroing them (and their optimizer state) keeps pruned weights exactly zero
