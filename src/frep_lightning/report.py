@@ -50,12 +50,12 @@ ATTACKS: tuple[tuple[str, str], ...] = (
 )
 ROBUST_PREFERENCE = ("aa", "pgd50", "worst_case", "mim50", "pgd20", "pgd10", "square", "fgsm")
 METHOD_ORDER = ("dense_at", "ori", "sparse_init", "fgsm", "lwm", "frep_ch", "frep")
-# sweep keys that place a run in a table (group / row position) rather than naming a variant
-PLACEMENT_KEYS = ("data", "model", "method", "pruning.sparsity", "seed", "experiment")
 # overrides that place a run in its row already (dataset, model, method, target) or change no number: two runs
 # that differ in any other override are two rows, never two seeds of one (e.g. experiment=table4 vs
 # experiment=table4_structured at 70%, or two sweeps with different trainer.max_epochs)
 ROW_KEYS = ("data", "model", "method", "pruning.sparsity")
+# sweep keys that place a run in a table (group / row position) rather than naming a variant
+PLACEMENT_KEYS = (*ROW_KEYS, "seed", "experiment")
 NEUTRAL_KEYS = (
     "seed", "logger", "ckpt_path", "run_dir", "data.root", "data.cache_dir", "data.num_workers", "monitor",
     "checkpoint.every_n_train_steps", "checkpoint.background",
@@ -220,8 +220,9 @@ class Run:
 
     def summary_eps(self) -> float | None:
         """The radius of summary.json's attacks (older summaries lack ``eps``: the run config's ``eval.eps``)."""
-        if self.summary is not None and _eps_of(self.summary) is not None:
-            return _eps_of(self.summary)
+        eps = None if self.summary is None else _eps_of(self.summary)
+        if eps is not None:
+            return eps
         from frep_lightning.attacks import parse_eps
 
         try:
@@ -279,10 +280,6 @@ class Run:
     def accuracies(self) -> dict[str, float]:
         """Attack name -> accuracy in [0, 1] (see :meth:`measured`)."""
         return {name: number.value for name, number in self.measured().items()}
-
-    def robust_eps(self) -> set[float | None]:
-        """The radii of this run's robust numbers (clean has none)."""
-        return {number.eps for name, number in self.measured().items() if name != "clean"}
 
     def square_curve(self) -> dict[int, float]:
         """Square accuracy by query budget: ``square_q<N>`` keys, a ``square_queries`` mapping, or
@@ -553,9 +550,8 @@ def table_markdown(rows: dict[tuple[float, str], list[Run]]) -> str:
     of the robust numbers in a note when the whole table shares one, else in an ``ε`` column (and on every
     robust cell of a row whose numbers do not share one)."""
     numbers = {key: [r.measured() for r in runs] for key, runs in rows.items()}
-    accs = {key: [{k: v.value for k, v in m.items()} for m in ms] for key, ms in numbers.items()}
-    present = {k for per_row in accs.values() for a in per_row for k in a}
-    row_eps = {key: {e for r in runs for e in r.robust_eps()} for key, runs in rows.items()}
+    present = {k for ms in numbers.values() for m in ms for k in m}
+    row_eps = {key: {n.eps for m in ms for name, n in m.items() if name != "clean"} for key, ms in numbers.items()}
     table_eps = {e for eps in row_eps.values() for e in eps}
     eps_column = len(table_eps) > 1
     columns = [(a, title) for a, title in ATTACKS if a in present]
