@@ -47,10 +47,9 @@ class DataNotFoundError(ConfigError, FileNotFoundError):
 def exit_on_config_error(
     app: str, run: Callable[[], Any], errors: tuple[type[BaseException], ...] = (ConfigError,)
 ) -> Any:
-    """``run()``; a :class:`ConfigError` (bad key, missing data; or any of ``errors``) of a single run ends the
-    process with its
-    message alone, not Hydra's traceback around it: the message names the key and says what to change.
-    In a multirun it propagates as before (Hydra reports the failing job)."""
+    """``run()``; a :class:`ConfigError` (bad key, missing data; or any of ``errors``) of a single run ends
+    the process with its message alone, not Hydra's traceback around it: the message names the key and
+    says what to change. In a multirun it propagates as before (Hydra reports the failing job)."""
     from hydra.core.hydra_config import HydraConfig
 
     try:
@@ -450,7 +449,7 @@ def schedule_warnings(cfg: DictConfig) -> list[str]:
     """Valid but probably unintended schedules: a shortened recipe that keeps LR drops it never reaches
     (the ensemble interval then never grows either)."""
     milestones, epochs = OmegaConf.select(cfg, "optim.milestones"), OmegaConf.select(cfg, "trainer.max_epochs")
-    if not _is_int(epochs) or not isinstance(milestones, (list, tuple, Sequence)) or isinstance(milestones, str):
+    if not _is_int(epochs) or not isinstance(milestones, Sequence) or isinstance(milestones, str):
         return []
     late = [m for m in milestones if _is_int(m) and m >= epochs]
     if not late:

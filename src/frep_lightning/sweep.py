@@ -275,15 +275,21 @@ def wandb_mode(timeout: float = 5.0) -> str:
     return "offline"
 
 
+def _wandb_url() -> Any:
+    """The W&B server the client talks to (``WANDB_BASE_URL``, default the hosted one), split."""
+    from urllib.parse import urlsplit
+
+    return urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+
+
 def wandb_key_present() -> bool:
     """A W&B API key where the client looks for one: ``WANDB_API_KEY``, or the netrc entry that
     ``wandb login`` writes for the server's host (``$NETRC``, else ``~/.netrc`` / ``~/_netrc``)."""
     import netrc
-    from urllib.parse import urlsplit
 
     if os.environ.get("WANDB_API_KEY"):
         return True
-    url = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    url = _wandb_url()
     machines = [url.netloc, url.hostname or ""]  # wandb login writes host:port for a server on a port
     candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else [
         os.path.expanduser("~/.netrc"), os.path.expanduser("~/_netrc")
@@ -304,7 +310,7 @@ def _wandb_endpoint() -> tuple[str, int]:
     import urllib.request
     from urllib.parse import urlsplit
 
-    url = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    url = _wandb_url()
     host = url.hostname or ""
     proxies = urllib.request.getproxies_environment()
     proxy = proxies.get(url.scheme)
