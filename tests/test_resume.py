@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import os
 import re
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -425,6 +426,28 @@ def test_model_pt_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
             save_state_dict({"w": torch.zeros(2)}, path)
     assert os.listdir(tmp_path) == ["model.pt"]
     assert torch.equal(load_state_dict_file(path)["w"], torch.ones(2))
+
+
+def test_atomic_write_syncs_the_file_then_the_directory_after_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint reported saved survives a power loss: the data is synced before the rename and the
+    directory holding the new name after it (a rename alone may still be in the page cache)."""
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync-dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync-file")
+        real_fsync(fd)
+
+    def replace(src: Any, dst: Any) -> None:
+        events.append("replace")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    save_state_dict({"w": torch.ones(2)}, tmp_path / "model.pt")
+    assert events == ["fsync-file", "replace", "fsync-dir"]
 
 
 def test_written_files_get_the_permissions_of_a_plain_open(tmp_path: Path) -> None:

@@ -41,9 +41,25 @@ def _new_temp_file(path: Path) -> tuple[int, str]:
     raise FileExistsError(f"could not create a temporary file beside {path}")
 
 
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (a power loss after ``os.replace`` could otherwise lose
+    it); best effort: some platforms and file systems cannot open or sync a directory."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], write: Any) -> None:
     """Write via ``write(file_object)`` to a temp file in the same directory, then rename:
-    a crash never leaves a half-written file under the final name."""
+    a crash never leaves a half-written file under the final name, and the data and the rename are
+    synced to disk before returning (a checkpoint that was reported saved survives a power loss)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _new_temp_file(path)
@@ -53,6 +69,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], write: Any) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
