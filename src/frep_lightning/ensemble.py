@@ -107,7 +107,9 @@ class TemporalEnsemble(WeightAveraging):
         interval_factor: f_e is multiplied by this at each learning-rate drop.
         lr_drop_ratio: a drop is the LR falling to at most this fraction of the highest LR since
             the interval last changed (a x0.1 step qualifies; a cosine decay counts each halving; an
-            LR warm-up raises the reference instead of hiding the later drops).
+            LR warm-up raises the reference instead of hiding the later drops). The LR is read from the
+            first parameter group of the first optimizer: with several groups, put first the group whose
+            schedule marks the drops (groups that only differ in weight decay share it anyway).
         bn: how the ensemble's BatchNorm statistics are obtained, see the module docstring.
         bn_batches: training batches used by ``bn='recompute'``.
         average: ``factors`` (EMA of W1, W2) or ``product`` (EMA of W = W1*W2), see the module docstring.
