@@ -591,6 +591,27 @@ def test_frep_eval_end_to_end_on_a_run_dir(tiny_run: tuple[Path, dict], pack_roo
         assert again[name] == report[name]
 
 
+def test_frep_eval_slim_evaluates_and_writes_the_cut_network(tiny_run: tuple[Path, dict], tmp_path: Path) -> None:
+    """``slim=true``: the report says what was cut, the numbers are the cut network's (equal to the full
+    one's: only zero channels go), and model_slim.pt2 runs without the package's classes."""
+    run_dir, _ = tiny_run
+    args = (f"ckpt={run_dir}", "attacks=[clean,fgsm]", "n_test=20", "logger=none")
+    full = run(_eval_cfg(*args, f"output={tmp_path / 'full.json'}"))
+    cut = run(_eval_cfg(*args, "slim=true", f"output={tmp_path / 'slim.json'}"))
+    assert full["slim"] is None
+    run_cfg = OmegaConf.load(run_dir / "config.yaml")
+    model = load_model(run_dir / "model.pt", run_cfg, run_cfg.model)
+    before, after = cut["slim"]["parameters"]
+    assert before == sum(p.numel() for p in model.parameters()) and after <= before
+    assert cut["clean"] == full["clean"] and cut["fgsm"] == full["fgsm"]
+    assert Path(cut["slim"]["program"]) == tmp_path / "model_slim.pt2"
+    program = torch.export.load(cut["slim"]["program"]).module()
+    x = torch.rand(3, 3, 32, 32)
+    torch.testing.assert_close(program(x), model(x), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ConfigError, match=r"slim='yes' must be true or false"):
+        run(_eval_cfg(*args, "slim=yes"))
+
+
 def test_frep_eval_on_the_lightning_checkpoint_matches_model_pt(tiny_run: tuple[Path, dict]) -> None:
     run_dir, _ = tiny_run
     run_cfg = OmegaConf.load(run_dir / "config.yaml")

@@ -250,6 +250,7 @@ def test_structured_pruning_removes_channels_end_to_end(tmp_path, remove: bool) 
     from frep_lightning import TemporalEnsemble
     from frep_lightning.pruning import averaged_copies
     from frep_lightning.reparam import merge_
+    from frep_lightning.slimming import slim
 
     class Module(pl.LightningModule):
         def __init__(self) -> None:
@@ -301,12 +302,17 @@ def test_structured_pruning_removes_channels_end_to_end(tmp_path, remove: bool) 
     x = torch.rand(16, 3, 8, 8, generator=g)
     with torch.no_grad():
         full, cut = exported(x), _physically_pruned(exported)(x)
+    _, report = slim(exported, x)  # the package's own cut (checks its outputs itself)
     if remove:
         assert max(probe.worst) == 0.0  # exactly zero at every step, live and ensemble
         torch.testing.assert_close(cut, full, rtol=1e-5, atol=1e-6)
+        hand = _physically_pruned(exported)
+        assert report["layers"] == {"0": [8, 8 - dead[0]], "3": [8, 8 - dead[1]]}
+        assert report["parameters"][1] == sum(p.numel() for p in hand.parameters())
     else:
         assert max(probe.worst) > 0.0  # β of pruned channels trained on
         assert not torch.allclose(cut, full, rtol=1e-3, atol=1e-4)
+        assert report["layers"] == {}  # nothing is removable: the channels still carry β
 
 
 def test_remove_channels_is_validated() -> None:

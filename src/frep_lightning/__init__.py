@@ -14,6 +14,7 @@ from frep_lightning.monitor import RobustnessMonitor
 from frep_lightning.objectives import MART, SRE, TRADES, CrossEntropyAT
 from frep_lightning.pruning import RobustPruning, apply_masks_, compute_masks, sparsity_report
 from frep_lightning.reparam import add_masks_, merge, merge_, reparameterize, reparameterize_
+from frep_lightning.slimming import slim, slim_
 
 __all__ = [
     "FGSM",
@@ -39,5 +40,7 @@ __all__ = [
     "merge_",
     "reparameterize",
     "reparameterize_",
+    "slim",
+    "slim_",
     "sparsity_report",
 ]

@@ -68,6 +68,17 @@ def _find_opaque(model: nn.Module, opaque: set[int]) -> None:
         opaque.add(id(model))
 
 
+def trace(model: nn.Module) -> tuple[fx.Graph | None, set[int]]:
+    """``model``'s ``torch.fx`` graph with the modules that cannot be traced kept whole (their ids are the
+    second item); None if even that fails (the model's own forward cannot be traced)."""
+    opaque: set[int] = set()
+    graph = _graph(model, opaque)
+    if graph is None:  # the common case traces whole at the first try
+        _find_opaque(model, opaque)
+        graph = _graph(model, opaque)
+    return graph, opaque
+
+
 # Tensors that may share storage with their input: an in-place write into one of them changes it.
 _VIEWS = frozenset(
     (

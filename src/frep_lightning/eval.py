@@ -53,6 +53,7 @@ from frep_lightning.evaluate import (
 from frep_lightning.export import NotOurFileError, merged_state_dict, safe_load, write_json
 from frep_lightning.pruning import without_classifier
 from frep_lightning.reparam import add_masks_, select_layers
+from frep_lightning.slimming import save_program, slim
 from frep_lightning.train import build_module, config_dir
 
 log = logging.getLogger("frep_lightning")
@@ -250,6 +251,8 @@ def validate_eval_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be an integer >= 1")
         _int_or_none(cfg, key)
     _int_or_none(cfg, "seed", minimum=0)
+    if not isinstance(cfg.get("slim", False), bool):
+        raise ConfigError(f"slim={cfg.get('slim')!r} must be true or false")
     momentum = cfg.get("momentum")
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or momentum < 0:
         raise ConfigError(f"momentum={momentum!r} must be a number >= 0")
@@ -374,6 +377,13 @@ def print_report(report: Mapping[str, Any], layers: bool = True) -> None:
         f"{human_bytes(sizes['model_dense_bytes'])} dense, {human_bytes(sizes['model_sparse_bytes'])} sparse "
         f"(x{sizes['compression_ratio']:.1f})"
     )
+    slimmed = report.get("slim")
+    if slimmed:
+        before, after = slimmed["parameters"]
+        console.print(
+            f"slim network (evaluated above): {after} parameters of {before} ({after / before * 100:.1f} %), "
+            f"{len(slimmed['layers'])} layers narrowed; {slimmed['program']}"
+        )
     for w in report["warnings"]:
         console.print(f"[bold red]WARNING[/]: {w}")
 
@@ -472,6 +482,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(data_cfg)
     datamodule.check_available()
     datamodule.setup("test")
+    out = Path(cfg.output) if cfg.get("output") else model_file.parent / "eval.json"
+    slimmed = None
+    if cfg.get("slim"):  # the numbers below are then the smaller network's, which is what ships
+        example = next(iter(datamodule.test_dataloader()))[0][:8]
+        model, slimmed = slim(model, example)
+        slimmed["program"] = str(out.with_name("model_slim.pt2"))
+        save_program(model, slimmed["program"], example)
+        log.info("eval: slim model (%d -> %d parameters) written to %s", *slimmed["parameters"], slimmed["program"])
     names = check_attack_names(cfg.attacks)
     aa_components = None if cfg.aa.get("components") is None else list(cfg.aa.components)
     attacks = build_attacks(
@@ -510,9 +528,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "tf32": bool(device.type == "cuda" and torch.backends.cudnn.allow_tf32),
         "frep_lightning": __version__,
         "torch": torch.__version__,
+        "slim": slimmed,
     }
     report = build_report(result, compression, settings)
-    out = Path(cfg.output) if cfg.get("output") else model_file.parent / "eval.json"
     write_json(report, out)
     print_report(report, layers=bool(cfg.get("print_layers", True)))
     log.info("eval: wrote %s", out)
