@@ -179,11 +179,9 @@ def channel_dependents(model: nn.Module, layers: Sequence[str]) -> dict[str, lis
     paired only if every call reads that layer's output: zeroing its γ/β would otherwise also zero
     the channel where it normalises something else. Warns when part of ``model`` could not be traced
     (a BN there after a pruned layer would keep its β)."""
-    opaque: set[int] = set()
+    _, opaque = trace(model)
     reads: dict[int, set[int | None]] = {}
     untraced: list[str] = []
-    if _graph(model, opaque) is None:  # the common case traces whole at the first try
-        _find_opaque(model, opaque)
     _trace_reads(model, "", opaque, reads, untraced)
     names = {id(m): n for n, m in model.named_modules()}  # one name per module, however it is reached
     pairs: dict[int, list[str]] = {}
