@@ -603,6 +603,7 @@ def test_frep_eval_slim_evaluates_and_writes_the_cut_network(tiny_run: tuple[Pat
     model = load_model(run_dir / "model.pt", run_cfg, run_cfg.model)
     before, after = cut["slim"]["parameters"]
     assert before == sum(p.numel() for p in model.parameters()) and after <= before
+    assert 0 < cut["slim"]["macs"][1] <= cut["slim"]["macs"][0]
     assert cut["clean"] == full["clean"] and cut["fgsm"] == full["fgsm"]
     assert Path(cut["slim"]["program"]) == tmp_path / "model_slim.pt2"
     program = torch.export.load(cut["slim"]["program"]).module()

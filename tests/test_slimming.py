@@ -60,6 +60,8 @@ def test_cut_channels_give_the_same_outputs_and_exact_parameter_counts() -> None
     expected = (5 * 3 * 9 + 5) + 2 * 5 + (4 * 5 * 9) + 2 * 4 + (10 * 4 * 4 + 10)  # flatten: 4 features/channel
     assert report["parameters"] == [sum(p.numel() for p in net.parameters()), expected]
     assert sum(p.numel() for p in small.parameters()) == expected
+    # per image: c1 on 8x8, c2 on 4x4 (after the max pool), fc
+    assert report["macs"] == [8 * 64 * 27 + 6 * 16 * 72 + 10 * 24, 5 * 64 * 27 + 4 * 16 * 45 + 10 * 16]
     assert small.c1.out_channels == small.b1.num_features == small.c2.in_channels == 5
     assert small.b1.running_mean.shape == (5,) and small.fc.in_features == 16
     torch.testing.assert_close(small(x), net(x), rtol=1e-5, atol=1e-6)

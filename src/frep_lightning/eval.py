@@ -380,8 +380,10 @@ def print_report(report: Mapping[str, Any], layers: bool = True) -> None:
     slimmed = report.get("slim")
     if slimmed:
         before, after = slimmed["parameters"]
+        macs_before, macs_after = slimmed["macs"]
         console.print(
             f"slim network (evaluated above): {after} parameters of {before} ({after / before * 100:.1f} %), "
+            f"{macs_after / 1e6:.1f}M of {macs_before / 1e6:.1f}M multiply-adds per image, "
             f"{len(slimmed['layers'])} layers narrowed; {slimmed['program']}"
         )
     for w in report["warnings"]:

@@ -219,12 +219,34 @@ def slim_(model: nn.Module) -> dict[str, Any]:
 
 
 @torch.no_grad()
+def macs_per_image(model: nn.Module, example: Tensor) -> tuple[Tensor, int]:
+    """``model(example)`` and the multiply-accumulates of its Conv2d and Linear layers per image (dense
+    count: zero weights are counted, as a dense runtime computes them)."""
+    total = 0
+
+    def count(m: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
+        nonlocal total
+        per_output = m.weight[0].numel()  # in_channels / groups * kernel area, or in_features
+        total += out.numel() // out.shape[0] * per_output
+
+    handles = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        out = model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, total
+
+
+@torch.no_grad()
 def slim(model: nn.Module, example: Tensor, rtol: float = 1e-4, atol: float = 1e-5) -> tuple[nn.Module, dict[str, Any]]:
     """:func:`slim_` on a copy of ``model``, checked: the copy's outputs on ``example`` must equal the
-    original's (else ``RuntimeError``: a pattern the rules above misjudge must not ship silently)."""
+    original's (else ``RuntimeError``: a pattern the rules above misjudge must not ship silently).
+    The report also gets ``macs``: multiply-accumulates per image, [before, after]."""
     small = copy.deepcopy(model)
     report = slim_(small)
-    full, cut = model(example), small(example)
+    (full, macs_before), (cut, macs_after) = macs_per_image(model, example), macs_per_image(small, example)
+    report["macs"] = [macs_before, macs_after]
     if not torch.allclose(cut, full, rtol=rtol, atol=atol):
         diff = float((cut - full).abs().max())
         raise RuntimeError(
