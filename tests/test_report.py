@@ -533,7 +533,8 @@ def test_structured_rows_say_their_target_counts_channels_and_show_the_channels_
     """Table III: a 70% structured target removes 70% of the filters, which is more than 70% of the
     weights; the table shows both, and an unstructured-only table has no channel column."""
     base = {"clean_acc": 0.6, "pgd_acc": 0.3, "n_test": 1000, "eps": 8 / 255}
-    structured = {**base, "pruning_mode": "structured", "sparsity": 0.8123, "live_channels": 150, "channels": 500}
+    structured = {**base, "pruning_mode": "structured", "sparsity": 0.8123, "live_channels": 150, "channels": 500,
+                  "slim": {"parameters": [1000, 400], "macs": [2000, 700]}}  # fmt: skip
     write_run(tmp_path / "t3" / "ch", ["pruning=structured"], "frep_ch", 0.7, summary=structured)
     write_run(tmp_path / "t3" / "un", [], "frep", 0.9, summary={**base, "sparsity": 0.9, "live_channels": 500,
                                                                  "channels": 500})  # fmt: skip
@@ -542,8 +543,10 @@ def test_structured_rows_say_their_target_counts_channels_and_show_the_channels_
     assert row["Target"] == "70% of channels" and row["Channels removed"] == "70.00" and row["Sparsity"] == "81.23"
     assert _row(report, "frep ")["Target"] == "90%" and _row(report, "frep ")["Channels removed"] == "0.00"
     assert "Channels removed: the fraction of the pruned layers' output channels" in report
+    assert row["MACs kept"] == "35.00" and _row(report, "frep ")["MACs kept"] == "–"  # "–": not measured
+    assert "MACs kept: multiply-adds per image of the network with the emptied channels cut out" in report
     only = write_report([tmp_path / "t3" / "un"], tmp_path / "out2").read_text()
-    assert "Channels removed" not in only
+    assert "Channels removed" not in only and "MACs kept" not in only
 
 
 def test_a_sweep_job_resumed_in_place_is_still_its_job(tmp_path: Path) -> None:

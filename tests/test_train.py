@@ -223,3 +223,53 @@ def test_a_run_that_trains_no_step_fails_instead_of_exporting(pack_root: Path, c
     ):
         run(cfg)
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_a_structured_run_accounts_for_the_channels_it_can_cut(
+    pack_root: Path, cache_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """summary.json of a structured run says what cutting the emptied channels leaves (parameters and
+    multiply-adds per image, equal to frep_lightning.slim on model.pt); a model the cut fails on is
+    reported in the summary, not a lost run."""
+    import frep_lightning.train as train_module
+    from frep_lightning.slimming import macs_per_image, slim
+
+    cfg = cfg_for(
+        "experiment=smoke",
+        "method=frep_ch",
+        f"data.root={pack_root}",
+        f"data.cache_dir={cache_dir}",
+        "model.width=4",
+        "data.n_train=32",
+        "data.n_val=10",
+        "data.batch_size=16",
+        "trainer.max_epochs=2",
+        "pruning.epoch=1",
+        "optim.milestones=[1]",
+        "ensemble.every_n_steps=1",
+        "ensemble.bn_batches=1",
+        "monitor=null",
+        "logger=none",
+        "eval.n_test=10",
+        "eval.pgd_steps=1",
+    )
+    with open_dict(cfg):
+        cfg.run_dir = str(tmp_path / "run")
+    summary = run(cfg)
+    model = build_model("resnet18", num_classes=10, width=4).eval()
+    model.load_state_dict(torch.load(tmp_path / "run" / "model.pt", weights_only=True))
+    x = torch.rand(2, 3, 32, 32)
+    small, report = slim(model, x)
+    assert summary["slim"] == {"parameters": report["parameters"], "macs": report["macs"]}
+    assert summary["slim"]["macs"][1] == macs_per_image(small, x)[1] < summary["slim"]["macs"][0]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["slim"] == summary["slim"]
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("an architecture the cut misjudges")
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(train_module, "slim", broken)
+        with open_dict(cfg):
+            cfg.run_dir = str(tmp_path / "again")
+        assert run(cfg)["slim"] == {"error": "an architecture the cut misjudges"}
+    assert "could not be cut out of the model" in caplog.text

@@ -212,6 +212,16 @@ class Run:
         return 1.0 - live / total
 
     @property
+    def macs_kept(self) -> float | None:
+        """Multiply-adds per image left once the emptied channels are cut, over the dense model's
+        (summary.json's ``slim``, structured runs)."""
+        slimmed = self.summary.get("slim") if self.summary is not None else None
+        macs = slimmed.get("macs") if isinstance(slimmed, dict) else None
+        if not isinstance(macs, list) or len(macs) != 2 or not all(isinstance(m, int) for m in macs) or macs[0] <= 0:
+            return None
+        return macs[1] / macs[0]
+
+    @property
     def label(self) -> str:
         """Method name, plus the swept non-placement keys of its sweep (``objective=pgd``)."""
         given = {_override_key(o): _override_value(o) for o in self.overrides}
@@ -561,6 +571,8 @@ def table_markdown(rows: dict[tuple[float, str], list[Run]]) -> str:
     structured = any(r.structured for rs in rows.values() for r in rs)  # Table III: the target counts channels
     head = ["Method", "Target", *(["ε"] if eps_column else []), *[t for _, t in columns], "Sparsity"]
     head += ["Channels removed"] if structured else []
+    macs = structured and any(r.macs_kept is not None for rs in rows.values() for r in rs)
+    head += ["MACs kept"] if macs else []
     head += ["Train (min)"]
     head += ["Peak mem (GB)"] if memory else []
     head += ["Source"]
@@ -578,6 +590,9 @@ def table_markdown(rows: dict[tuple[float, str], list[Run]]) -> str:
         if structured:
             removed = [r.channels_removed for r in runs if r.channels_removed is not None]
             cells.append(_fmt(removed, digits=2))  # type: ignore[arg-type]
+        if macs:
+            kept = [r.macs_kept for r in runs if r.macs_kept is not None]
+            cells.append(_fmt(kept, digits=2))  # type: ignore[arg-type]
         minutes = [_train_seconds(r.summary) / 60 for r in runs if r.summary and _train_seconds(r.summary)]
         cells.append(_fmt(minutes, scale=1.0))
         if memory:
@@ -590,6 +605,11 @@ def table_markdown(rows: dict[tuple[float, str], list[Run]]) -> str:
         note = (
             "Sparsity: the fraction of prunable weights that are zero; Channels removed: the fraction of the pruned "
             "layers' output channels with no weight left (structured targets count channels). " + note
+        )
+    if macs:
+        note = (
+            "MACs kept: multiply-adds per image of the network with the emptied channels cut out "
+            "(frep_lightning.slimming; a residual sum keeps its channels), over the dense network's. " + note
         )
     if table_eps == {None}:
         note = "L-inf ε: not recorded in the run files. " + note

@@ -55,6 +55,7 @@ from frep_lightning.module import FReP
 from frep_lightning.monitor import RobustnessMonitor
 from frep_lightning.pruning import RobustPruning, sparsity_report
 from frep_lightning.reparam import merge_
+from frep_lightning.slimming import slim
 from frep_lightning.sweep import finish_wandb, start_wandb, wandb_run_id
 
 log = logging.getLogger("frep_lightning")
@@ -257,16 +258,17 @@ def summarize(
     steps = int(cfg.eval.pgd_steps)
     attack = PGD(eps=eps, steps=steps, step_size=cfg.eval.step_size)
     restarts = int(cfg.eval.get("restarts", 1))
+    loader = datamodule.test_dataloader(batch_size=int(cfg.eval.batch_size))
+    pruning = cfg.get("pruning") if enabled(cfg.get("pruning")) else None
+    slimmed = _slim_account(model, loader) if pruning is not None and pruning.mode == "structured" else None
     start = time.perf_counter()
     extra = config_attacks(cfg.eval, cfg.seed)  # eval.attacks, e.g. [pgd50,aa]
     # the summary's PGD gets eval.restarts too (an example is robust only if it survives every restart)
     attacks = {f"pgd{steps}": WhiteBoxAttack(attack, f"pgd{steps}", restarts=restarts), **extra}
-    loader = datamodule.test_dataloader(batch_size=int(cfg.eval.batch_size))
     result = evaluate(model, loader, attacks, device=device, seed=cfg.seed)
     eval_seconds = time.perf_counter() - start
     state = model.state_dict()
     report = sparsity_report({k: state[k] for k in _prunable_keys(trainer, export)})
-    pruning = cfg.get("pruning") if enabled(cfg.get("pruning")) else None
     return {
         "method": cfg.method.name,
         "objective": type(getattr(trainer.lightning_module, "objective", None)).__name__,
@@ -278,6 +280,7 @@ def summarize(
         "sparsity": report["sparsity"],
         "live_channels": sum(v["live_channels"] for v in report["layers"].values()),
         "channels": sum(v["channels"] for v in report["layers"].values()),
+        "slim": slimmed,  # structured: parameters and multiply-adds per image once the emptied channels are cut
         "clean_acc": result["clean"],
         "pgd_acc": result[f"pgd{steps}"],
         **{f"{name}_acc": result[name] for name in extra},
@@ -302,6 +305,20 @@ def summarize(
         "frep_lightning": __version__,
         "torch": torch.__version__,
     }
+
+
+def _slim_account(model: torch.nn.Module, loader: Any) -> dict[str, Any]:
+    """What cutting the emptied channels out of ``model`` would leave (``frep_lightning.slimming``), on a
+    copy; a model the cut cannot handle is reported, not fatal: the run's numbers are already paid for."""
+    example, training = next(iter(loader))[0][:8].cpu(), model.training
+    try:
+        _, report = slim(model.eval(), example)
+    except Exception as err:  # any failure of this optional account
+        log.warning("slim: the emptied channels could not be cut out of the model (%s); model.pt is unaffected", err)
+        return {"error": str(err)}
+    finally:
+        model.train(training)
+    return {key: report[key] for key in ("parameters", "macs")}
 
 
 def _prunable_keys(trainer: pl.Trainer, export: MergeReparameterization) -> list[str]:
