@@ -487,7 +487,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.output) if cfg.get("output") else model_file.parent / "eval.json"
     slimmed = None
     if cfg.get("slim"):  # the numbers below are then the smaller network's, which is what ships
-        example = next(iter(datamodule.test_dataloader()))[0][:8]
+        example = next(iter(datamodule.test_dataloader()))[0][:8].cpu()  # the model is still on the CPU here
         model, slimmed = slim(model, example)
         slimmed["program"] = str(out.with_name("model_slim.pt2"))
         save_program(model, slimmed["program"], example)
