@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchvision
 from torch import Tensor, nn
 
 from frep_lightning.channel_removal import channel_dependents
@@ -75,11 +76,14 @@ def test_cut_channels_give_the_same_outputs_and_exact_parameter_counts() -> None
         ("vgg16_bn", 8, None),  # every conv: nothing but BN/ReLU/pool between them
         ("wrn28_10", 1, [f"net.blocks.{i}.conv1" for i in range(12)]),  # pre-activation: conv1 -> bn2 -> conv2
         ("resnet50", 4, None),
+        # one ReLU module called twice per block (after bn1 and after the sum): stateless, so no obstacle
+        ("torchvision.resnet18", None, [f"layer{i}.{j}.conv1" for i in range(1, 5) for j in range(2)]),
     ],
 )
 def test_built_in_models_lose_exactly_the_removable_channels(name: str, width: int, narrowed: list | None) -> None:
     torch.manual_seed(0)
-    model = build_model(name, width=width).eval()
+    model = build_model(name, width=width) if width else getattr(torchvision.models, name.split(".")[1])()
+    model.eval()
     _random_stats(model)
     convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
     paired = channel_dependents(model, convs)

@@ -109,8 +109,8 @@ def _chain(
                 return None  # read as anything but the one input (a sum, a cat, a shape, the output)
             target = str(user.target)
             m = modules.get(target) if user.op == "call_module" else None
-            if m is not None and calls[target] != 1:
-                return None  # a module called twice would be cut for both calls
+            if isinstance(m, (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)) and calls[target] != 1:
+                return None  # its weights would be cut for every call (a shared ReLU module does not matter)
             if isinstance(m, nn.Conv2d) and layout == "spatial":
                 if m.groups != 1 or m.in_channels != channels:
                     return None
