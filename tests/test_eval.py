@@ -497,6 +497,8 @@ def test_compression_report_exact_counts_and_sizes() -> None:
     only_conv = compression_report(state, prunable=["conv"])
     assert only_conv["sparsity"] == 30 / 108 and not only_conv["layers"]["fc"]["prunable"]
     assert only_conv["sizes"]["other_bytes"] == (4 + 4 + 10 + 80) * 4
+    assert only_conv["sizes"]["other_numel"] == 4 + 4 + 10 + 80  # the unselected fc weight counts as "other"
+    assert (only_conv["sizes"]["live_channels"], only_conv["sizes"]["channels"]) == (3, 4)  # selected layers only
     with pytest.raises(KeyError, match="nope"):
         compression_report(state, prunable=["nope"])
     assert layer_report(torch.zeros(3, 5))["live_channels"] == 0

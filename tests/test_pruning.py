@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -9,6 +11,7 @@ from torch import nn
 from frep_lightning.pruning import (
     RobustPruning,
     apply_masks_,
+    check_maskable_state,
     compute_masks,
     global_channel_masks,
     global_magnitude_masks,
@@ -334,3 +337,132 @@ def test_setup_twice_says_things_once(caplog: pytest.LogCaptureFixture) -> None:
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("RobustPruning")]
     assert len(said) == 2 and "leaves the classifier model.net.8 dense" in said[0] and "removed" in said[1]
     assert len(pruning._hooks) == 5  # bias of net.0, γ/β of net.1 and of net.4: not doubled either
+
+
+def test_global_magnitude_exact_count_under_ties() -> None:
+    """Tied magnitudes (low-precision weights, exact zeros) still give exactly k kept entries: a
+    threshold ``|W| >= kth largest`` would keep every tied entry."""
+    weights = {"a": torch.ones(4, 5), "b": -torch.ones(10), "c": torch.zeros(6)}  # 30 entries at |1|, 6 zeros
+    masks = global_magnitude_masks(weights, sparsity=0.5)
+    assert sum(int(m.sum()) for m in masks.values()) == 18
+    assert int(masks["c"].sum()) == 0  # a zero is never kept while a nonzero tie is pruned
+    masks = global_magnitude_masks(weights, sparsity=0.1)  # keep 36 - round(3.6) = 32: all 30 ones + 2 zeros
+    assert sum(int(m.sum()) for m in masks.values()) == 32
+    assert int(masks["a"].sum()) == 20 and int(masks["b"].sum()) == 10 and int(masks["c"].sum()) == 2
+
+
+def test_global_magnitude_ranks_all_layers_together() -> None:
+    """One ranking over every layer (paper Sec. III-D): a layer of small weights loses all of them, a
+    layer of large ones keeps all, where a per-layer top-k would keep half of each."""
+    weights = {"small": torch.full((8, 4), 0.01), "large": torch.linspace(1.0, 2.0, 32).view(8, 4)}
+    masks = global_magnitude_masks(weights, sparsity=0.5)
+    assert int(masks["small"].sum()) == 0 and bool(masks["large"].all())
+
+
+def test_global_channel_masks_rank_by_l2_norm_across_layers() -> None:
+    """Eq. 17: a channel's importance is the L2 norm of its weights. Here L1 (or a per-layer count) would
+    pick a different channel: a.1 has L1 2.0 > b.1's 1.5 but L2 1.0 < 1.5."""
+    a = torch.stack([torch.ones(1, 2, 2), torch.full((1, 2, 2), 0.5), torch.full((1, 2, 2), 1e-3)])  # conv (3, 1, 2, 2)
+    b = torch.tensor([[3.0, 0.0, 0.0, 0.0], [1.5, 0.0, 0.0, 0.0], [1e-3, 0.0, 0.0, 0.0]])  # linear (3, 4)
+    masks = global_channel_masks({"a": a, "b": b}, sparsity=0.5)  # keep 3 of 6
+    assert masks["a"].flatten(1).amax(1).tolist() == [1.0, 0.0, 0.0]
+    assert masks["b"].flatten(1).amax(1).tolist() == [1.0, 1.0, 0.0]
+
+
+def test_global_channel_masks_exact_count_with_zero_norm_channels() -> None:
+    """A layer whose filters are all zero ties every norm at 0 with the channels guaranteed to other layers:
+    the guaranteed ones must not be drawn again, or fewer than ``round((1 - s) * D)`` channels are kept."""
+    torch.manual_seed(0)
+    weights = {"dead": torch.zeros(4, 3), "live": torch.randn(4, 3)}
+    masks = global_channel_masks(weights, sparsity=0.25)  # keep 6 of 8: all 4 live + 2 dead (one guaranteed)
+    rows = {n: m.flatten(1).amax(1) for n, m in masks.items()}
+    assert int(rows["live"].sum()) == 4 and int(rows["dead"].sum()) == 2
+
+
+@pytest.mark.parametrize(
+    ("kind", "mode"),
+    [("hadamard", "unstructured"), ("hadamard", "structured"), ("channel", "structured"), ("channel", "unstructured")],
+)
+def test_installing_masks_changes_only_the_pruned_weights(kind: str, mode: str) -> None:
+    """Pruning fixes a mask and nothing else: every kept weight (W1·W2, or M·W2 for FReP-CH, whose factor
+    rows are zeroed for pruned channels) is what it was, and every pruned one is exactly 0."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 6))
+    reparameterize_(net, kind, "random", seed=0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.rand(2, 3, 6, 6)).square().sum().backward()
+    opt.step()
+    before = {n: m.weight.detach().clone() for n, m, _ in iter_masked(net)}
+    masks = compute_masks(net, 0.5, mode)
+    apply_masks_(net, masks, [opt])
+    for name, module, _ in iter_masked(net):
+        assert int(masks[name].sum()) < masks[name].numel()  # something was pruned in every layer
+        torch.testing.assert_close(module.weight.detach(), before[name] * masks[name], rtol=1e-6, atol=0.0)
+
+
+def test_sparsity_report_counts_zeros_and_live_channels() -> None:
+    """``live_channels`` (summary.json) counts output channels with any nonzero weight, not fully dense ones."""
+    conv = torch.ones(3, 2, 2, 2)
+    conv[0] = 0.0  # a pruned filter
+    conv[1, 0] = 0.0  # a partly pruned one: still live
+    report = sparsity_report({"conv.weight": conv, "bn.weight": torch.zeros(3), "fc.weight": torch.eye(4)})
+    assert report["layers"]["conv"] == {"zeros": 12, "numel": 24, "sparsity": 0.5, "live_channels": 2, "channels": 3}
+    assert report["layers"]["fc"]["live_channels"] == 4 and report["layers"]["fc"]["zeros"] == 12
+    assert report["zeros"] == 24 and report["numel"] == 40 and report["sparsity"] == 24 / 40  # BN γ not counted
+
+
+def test_excluded_layers_stay_dense_when_the_whole_model_is_reparameterized(tmp_path: Path) -> None:
+    """``reparameterize_`` without patterns gives every layer factors and a mask; ``pruning.exclude`` must
+    still keep the excluded layer out of the ranking and dense (its mask all ones)."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import helpers
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = reparameterize_(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)))
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], _: int) -> torch.Tensor:
+            return nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    torch.manual_seed(0)
+    module = Module()
+    pruning = RobustPruning(0.9, epoch=0, exclude=["net.0"])
+    data = TensorDataset(torch.rand(4, 3, 6, 6), torch.randint(0, 3, (4,)))
+    helpers.quiet_trainer(tmp_path, [pruning], max_epochs=1).fit(module, DataLoader(data, batch_size=4))
+    assert pruning.pruned and pruning.selected_layers == ["net.2"]
+    masks = {n: p.mask for n, _, p in iter_masked(module)}
+    assert bool(masks["net.0"].all()) and bool((module.net[0].weight != 0).all())
+    assert int(masks["net.2"].sum()) == 192 - round(0.9 * 192)
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "none"])
+def test_adam_state_is_maskable_and_pruned_weights_stay_zero(kind: str) -> None:
+    """Adam keeps a scalar ``step`` beside per-weight moments: its state passes the maskability check, and
+    with both moments zeroed (and AdamW's decoupled decay) pruned weights and factors stay exactly 0."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    reparameterize_(net, kind)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.05, weight_decay=0.1)
+    x, y = torch.rand(8, 3, 6, 6), torch.randint(0, 3, (8,))
+    for _ in range(3):  # build up both moments first
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    check_maskable_state([opt])
+    masks = compute_masks(net, sparsity=0.7)
+    apply_masks_(net, masks, [opt])
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+    for name, module, _ in iter_masked(net):
+        pruned = masks[name] == 0
+        assert bool(pruned.any()) and not module.weight[pruned].any()
+        for f in factors(module):
+            assert not f[pruned].any()

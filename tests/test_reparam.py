@@ -127,3 +127,55 @@ def test_include_exclude_patterns() -> None:
     net = small_net()
     reparameterize_(net, "hadamard", exclude=["7"])
     assert [n for n, _, _ in iter_masked(net)] == ["0", "3"]
+
+
+@pytest.mark.parametrize("kind", ["hadamard", "channel", "none"])
+def test_merge_after_pruning_keeps_the_mask(kind: str) -> None:
+    """Merged after an unstructured pruning, the plain weights are the *masked* product: FReP-CH's factors
+    are not zeroed for an unstructured mask (M mixes channels), so only the mask makes them sparse."""
+    from frep_lightning.pruning import apply_masks_, compute_masks
+
+    torch.manual_seed(0)
+    net = small_net()
+    reparameterize_(net, kind, "random", seed=0)
+    masks = compute_masks(net, 0.8)
+    apply_masks_(net, masks)
+    net.eval()
+    x = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        expected = net(x)
+    merged = merge_(copy.deepcopy(net))
+    for name, mask in masks.items():
+        weight = merged.get_submodule(name).weight
+        assert torch.equal(weight == 0, mask == 0)  # kept entries of a random init are never exactly 0
+    with torch.no_grad():
+        assert (merged(x) - expected).abs().max().item() < 1e-5
+
+
+def test_channel_random_init_is_the_linear_init() -> None:
+    """FReP-CH ``random``: M is drawn as ``nn.Linear(D, D)`` draws its weight, U(±1/√D), so M·W2 keeps the
+    scale of the layer's own init (a unit bound would grow every layer's output by about √D)."""
+    conv = nn.Conv2d(16, 64, 3)
+    reparameterize_(conv, "channel", "random", seed=0)
+    m = factors(conv)[0].detach()
+    bound = 1 / 64**0.5
+    assert float(m.abs().max()) <= bound and float(m.abs().max()) > 0.9 * bound
+    assert abs(float(m.std()) - bound / 3**0.5) < 0.1 * bound
+    again = reparameterize_(nn.Conv2d(16, 64, 3), "channel", "random", seed=0)
+    assert torch.equal(factors(again)[0], m)  # the seed fixes M
+
+
+def test_merged_state_dict_leaves_the_training_model_alone() -> None:
+    """The export at fit end reads a merged *copy*: the LightningModule keeps its factors and masks, so a
+    checkpoint saved or a test run after ``fit`` still sees the reparameterized model."""
+    from frep_lightning.export import merged_state_dict
+
+    net = small_net()
+    plain_keys = list(net.state_dict())
+    reparameterize_(net, "hadamard", seed=0)
+    keys = list(net.state_dict())
+    state = merged_state_dict(net)
+    assert list(state) == plain_keys
+    assert list(net.state_dict()) == keys and len(list(iter_masked(net))) == 3
+    with torch.no_grad():
+        assert torch.equal(state["0.weight"], net[0].weight)
