@@ -178,6 +178,7 @@ class MergeReparameterization(Callback):
         if trainer.is_global_zero:
             save_state_dict(state, self.path)
             rank_zero_info(
-                f"MergeReparameterization: wrote {self.path} (merged, sparsity {self.report['sparsity']:.4f})"
+                f"MergeReparameterization: wrote {self.path} (merged; {self.report['sparsity']:.4f} of the weights of "
+                f"its {len(prunable)} masked layers are zero)"
             )
         trainer.strategy.barrier("frep_export")
