@@ -89,6 +89,13 @@ def test_check_adversarial_raises_on_violation() -> None:
     x = torch.rand(2, 3, 4, 4)
     with pytest.raises(RuntimeError, match="threat model"):
         check_adversarial((x + 0.1).clamp(0, 1), x, 8 / 255)
+    with pytest.raises(RuntimeError, match="threat model"):
+        check_adversarial((x + 8 / 255 + 1e-4).clamp(0, 1), x, 8 / 255)  # just outside the ball
+    nan = x.clone()
+    nan[1, 2, 3, 3] = float("nan")  # passes every comparison: it must not pass the check
+    with pytest.raises(RuntimeError, match="threat model"):
+        check_adversarial(nan, x, 8 / 255)
+    check_adversarial((x + 8 / 255).clamp(0, 1), x, 8 / 255)  # on the boundary is inside
 
 
 def test_training_attack_leaves_running_stats_untouched() -> None:
@@ -129,6 +136,94 @@ def test_attack_does_not_accumulate_parameter_gradients() -> None:
     x, y = torch.rand(8, 3, 8, 8), torch.randint(0, 10, (8,))
     PGD(steps=2).perturb(net, x, cross_entropy_loss(y))
     assert all(p.grad is None for p in net.parameters())
+
+
+class _InputRecorder(nn.Module):
+    """A linear classifier that records every input it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.detach().clone())
+        return self.net(x)
+
+
+def test_fgsm_rs_is_one_signed_step_of_eps_from_a_uniform_start_in_the_box() -> None:
+    """Alg. 1 lines 4-6: x~ = clip(x + U(-eps, eps)), then one step eps * sign(grad of the attack loss at x~),
+    projected onto the eps-ball and [0, 1]. The model is only ever shown images (the start is clipped first)."""
+    eps = 8 / 255
+    net = _InputRecorder().eval()
+    x = torch.rand(256, 3, 8, 8) * 0.5 + 0.25  # the box binds only where it is put below
+    x[:8] = 0.0  # box corners: the start must be clipped before the model sees it
+    x[8:16] = 1.0
+    y = torch.randint(0, 10, (256,))
+    x_adv = FGSM().perturb(net, x, cross_entropy_loss(y), generator=torch.Generator().manual_seed(3))
+    (start,) = net.inputs
+    assert start.min() >= 0 and start.max() <= 1
+    noise = (start - x)[16:]  # interior pixels: the uniform draw itself
+    assert noise.abs().max() <= eps + 1e-6
+    assert noise.min() < -0.99 * eps and noise.max() > 0.99 * eps  # the whole ball, both signs
+    assert abs(float(noise.mean())) < 0.01 * eps and float(noise.std()) == pytest.approx(eps / 3**0.5, rel=0.02)
+    # the same generator, the same start
+    again = _InputRecorder().eval()
+    FGSM().perturb(again, x, cross_entropy_loss(y), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(again.inputs[0], start)
+    # the step: ascent on CE at the start, size eps, then the projection
+    probe = start.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(nn.functional.cross_entropy(net.net(probe), y), probe)
+    expected = torch.min(torch.max(start + eps * grad.sign(), x - eps), x + eps).clamp(0, 1)
+    torch.testing.assert_close(x_adv, expected, rtol=0, atol=1e-7)
+    with torch.no_grad():
+        assert nn.functional.cross_entropy(net.net(x_adv), y) > nn.functional.cross_entropy(net.net(start), y)
+
+
+@pytest.mark.parametrize("bn", ["train", "eval"])
+def test_training_attack_forward_uses_the_batchnorm_statistics_its_bn_mode_names(bn: str) -> None:
+    """``bn=train``: the attack's forward of a training model normalises by the batch (what the loss then
+    trains); ``bn=eval``: by the running statistics. Either way the model comes back in training mode."""
+    net = bn_net().train()
+    with torch.no_grad():
+        net[1].running_mean.fill_(5.0)  # far from any batch's: the two modes give different outputs
+    x, y = torch.rand(8, 3, 8, 8), torch.randint(0, 10, (8,))
+    seen: list[torch.Tensor] = []
+
+    def loss_fn(logits: torch.Tensor) -> torch.Tensor:
+        seen.append(logits.detach().clone())
+        return nn.functional.cross_entropy(logits, y)
+
+    SignGradientAttack(steps=1, random_start=False, bn=bn).perturb(net, x, loss_fn)
+    reference = copy.deepcopy(net).train(bn == "train")
+    with torch.no_grad():
+        expected, other = reference(x), copy.deepcopy(net).train(bn != "train")(x)
+    assert torch.equal(seen[0], expected)
+    assert not torch.allclose(seen[0], other)
+    assert all(m.training for m in net.modules())
+
+
+def test_public_attack_defaults_are_the_papers() -> None:
+    """eps 8/255 everywhere; FGSM(-RS) and the bare attack: one step of eps from a uniform start (Alg. 1);
+    PGD: 10 steps of 2/255 from a uniform start (Madry et al.); MIM: 50 steps of 2/255, momentum 1, from x
+    (Dong et al.). FReP's default training attack and its per-epoch validation PGD use them."""
+    from frep_lightning.module import FReP
+
+    fgsm, pgd, mim, bare = FGSM(), PGD(), MIM(), SignGradientAttack()
+    assert fgsm.eps == pgd.eps == mim.eps == bare.eps == 8 / 255
+    for one_step in (fgsm, bare):
+        settings = (one_step.steps, one_step.step_size, one_step.random_start, one_step.momentum, one_step.bn)
+        assert settings == (1, 8 / 255, True, None, "train")
+    assert (pgd.steps, pgd.step_size, pgd.random_start, pgd.momentum) == (10, 2 / 255, True, None)
+    assert (mim.steps, mim.step_size, mim.random_start, mim.momentum) == (50, 2 / 255, False, 1.0)
+    assert SignGradientAttack(steps=7).step_size == 2 / 255  # several steps: eps / 4
+    module = FReP(bn_net(), reparam_kind="none")
+    assert (module.attack.eps, module.attack.steps, module.attack.step_size) == (8 / 255, 1, 8 / 255)
+    assert module.attack.random_start and isinstance(module.objective, SRE) and module.objective.lam == 6.0
+    assert module.val_attack is not None
+    assert (module.val_attack.eps, module.val_attack.steps, module.val_attack.step_size) == (8 / 255, 10, 2 / 255)
+    assert module.val_attack.random_start
 
 
 def test_pgd_breaks_an_undefended_linear_model() -> None:

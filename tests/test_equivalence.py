@@ -471,6 +471,29 @@ def test_fast_step_refuses_what_it_does_not_implement() -> None:
         FastStep(module.model, module.objective, module.attack, torch.optim.SGD(module.parameters(), 0.1, 0.9, 0.5))
 
 
+def test_fast_step_counts_what_the_plain_step_counts() -> None:
+    """The epoch sums of one eager fast step (loss, adversarial and clean correct, count) are the plain
+    training step's, on a batch the model classifies correctly clean and mostly wrongly under attack, so
+    that a clean accuracy counted from the adversarial output (or the reverse) shows."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 10))
+    plain = FReP(net, attack=SignGradientAttack(eps=0.5), reparam_kind="none")
+    fast = copy.deepcopy(plain)
+    plain.log = lambda *args, **kwargs: None  # type: ignore[method-assign]  # no trainer here
+    x = torch.rand(32, 3, 8, 8)
+    with torch.no_grad():
+        y = plain(x).argmax(dim=1)  # clean accuracy 1 by construction
+    torch.manual_seed(1)
+    plain.training_step((x, y), 0)
+    optimizer = fast.configure_optimizers()["optimizer"]
+    step = FastStep(fast.model, fast.objective, fast.attack, optimizer, capture="none", sgd="foreach")
+    torch.manual_seed(1)
+    step(x, y)
+    torch.testing.assert_close(step.sums, plain.training_sums(), rtol=1e-6, atol=0)
+    means = step.read_metrics()
+    assert means["count"] == 32 and means["acc"] == 1.0 and means["acc_adv"] < 0.5
+
+
 class _FakeStream:
     """Stands in for torch.cuda.Stream on CPU: records forks/joins and which stream a forward ran on."""
 

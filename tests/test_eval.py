@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -35,6 +36,7 @@ from frep_lightning.evaluate import (
     AutoAttackEval,
     EvalAttack,
     SquareEval,
+    WhiteBoxAttack,
     build_attacks,
     config_attacks,
     evaluate,
@@ -282,6 +284,8 @@ def test_trust_warnings_and_the_clean_bound() -> None:
     assert any("FGSM" in w for w in trust_warnings(ok | {"fgsm": 0.40}, 100))
     assert any("AutoAttack" in w for w in trust_warnings(ok | {"aa": 0.456}, 100))
     assert trust_warnings(ok | {"aa": 0.455}, 100) == []  # within 0.5 pts
+    other_pgd = {k: v for k, v in ok.items() if k != "pgd50"} | {"pgd100": 0.44}
+    assert any("above PGD-100 0.4400" in w for w in trust_warnings(other_pgd | {"aa": 0.446}, 100))
     assert any("Square" in w for w in trust_warnings(ok | {"square": 0.444}, 100))
     assert trust_warnings(ok | {"square": 0.446}, 100) == []
     with pytest.raises(RuntimeError, match="exceeds clean"):
@@ -391,6 +395,61 @@ def test_threat_model_violation_and_statistics_change_are_errors(cnn: tuple[nn.M
     model.load_state_dict(state)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         run_attacks(model, [(xt * 3, yt)], {})
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):  # NaN passes min/max comparisons
+        run_attacks(model, [(xt.clone().index_fill_(0, torch.tensor([0]), torch.nan), yt)], {})
+
+
+class _Helper(EvalAttack):
+    """Descends the loss instead of ascending it (pulls misclassified examples to their label) and records
+    how many images it was given."""
+
+    name = "helper"
+    eps = 0.25
+
+    def __init__(self) -> None:
+        self.given: list[int] = []
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
+        self.given.append(len(x))
+        attack = PGD(eps=self.eps, steps=10, step_size=0.05)
+        return attack.perturb(model, x, lambda out: -nn.functional.cross_entropy(out, y), generator=generator)
+
+
+def test_an_example_is_robust_only_if_also_correct_clean_and_the_worst_case_of_no_attack_is_clean() -> None:
+    """Only the examples classified correctly clean are attacked, and per attack an example counts only if
+    it is correct both clean and attacked: an attack that would repair a misclassified example gains
+    nothing. With no attack at all, worst_case is clean accuracy (an untrained model: ~10 %)."""
+    model = linear_model().eval()
+    xt, yt = blobs(64, seed=1)
+    helper = _Helper()
+    result = run_attacks(model, [(xt[:32], yt[:32]), (xt[32:], yt[32:])], {"helper": helper})
+    clean = result.correct["clean"]
+    assert 0 < int(clean.sum()) < 32  # the untrained model misclassifies most of them
+    assert helper.given == [int(clean[:32].sum()), int(clean[32:].sum())]
+    assert torch.equal(result.correct["helper"], clean)  # the helped ones stay correct; no other example counts
+    alone = run_attacks(model, [(xt, yt)], {})
+    assert alone.attacks == [] and torch.equal(alone.worst_case, alone.correct["clean"])
+    acc = alone.accuracies()
+    assert acc["worst_case"] == acc["clean"] == int(clean.sum()) / 64
+
+
+class _NaNAttack(EvalAttack):
+    """Returns NaN images (what a NaN in an external attack's arithmetic gives): every comparison with eps and
+    the box is False for NaN, and argmax of NaN logits is class 0, so they would count as robust class-0 images."""
+
+    name = "nan"
+    eps = EPS
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
+        return torch.full_like(x, float("nan"))
+
+
+def test_nan_adversarial_images_are_an_error_not_robust_examples() -> None:
+    x, y = blobs(512, seed=0)
+    model = train(linear_model(), x, y, steps=30, lr=0.5)
+    xt, yt = blobs(32, seed=1)
+    with pytest.raises(RuntimeError, match="outside the threat model"):
+        run_attacks(model, [(xt, yt)], {"nan": _NaNAttack()})
 
 
 def test_same_seed_same_numbers(cnn: tuple[nn.Module, Tensor, Tensor]) -> None:
@@ -417,18 +476,44 @@ def test_restarts_only_lower_pgd_accuracy(cnn: tuple[nn.Module, Tensor, Tensor])
     assert not (three & ~one).any()  # restart 1 is the same draw; later restarts can only break more
 
 
+def test_each_restart_attacks_the_examples_no_earlier_restart_broke(cnn: tuple[nn.Module, Tensor, Tensor]) -> None:
+    """restarts=k: k random starts, each on the examples still standing (the first on every example
+    classified correctly clean); an example counts as robust only if no restart broke it."""
+    model, xt, yt = cnn
+    for restarts in (1, 3):
+        attack = build_attacks(["pgd2"], eps=EPS, restarts=restarts)["pgd2"]
+        assert isinstance(attack, WhiteBoxAttack) and attack.describe()["restarts"] == restarts
+        given: list[int] = []
+        perturb = attack.attack.perturb
+
+        def spy(
+            net: nn.Module, x: Tensor, *args: Any, perturb: Any = perturb, given: list[int] = given, **kwargs: Any
+        ) -> Tensor:
+            given.append(len(x))
+            return perturb(net, x, *args, **kwargs)
+
+        attack.attack.perturb = spy  # type: ignore[method-assign]
+        result = run_attacks(model, [(xt, yt)], {"pgd2": attack}, seed=1)
+        standing = int(result.correct["pgd2"].sum())
+        assert 0 < standing < int(result.correct["clean"].sum())  # PGD-2 breaks some, not all
+        assert len(given) == restarts and given[0] == int(result.correct["clean"].sum())
+        assert given == sorted(given, reverse=True) and standing <= given[-1]
+
+
 def test_square_eval_is_the_packages_square_attack() -> None:
     x, y = blobs(512, seed=0)
     model = train(linear_model(), x, y, steps=30, lr=0.5)
     xt, yt = blobs(32, seed=1)
     eps = float(certified_radius(model, xt, yt).max()) * 1.5
-    attack = SquareEval(eps, queries=300, seed=0)
+    attack = SquareEval(eps, queries=1000, seed=0)
     x_adv = attack.run(model, xt, yt, torch.Generator())
     assert (x_adv - xt).abs().max() <= eps + 1e-6
+    with torch.no_grad():  # some, not all, broken: the comparison below is of real searches (p_init matters)
+        assert 0 < int((model(x_adv).argmax(1) != yt).sum()) < len(yt)
     from pyautoattack.square import SquareAttack
 
     torch.manual_seed(0)
-    ref = SquareAttack(model, norm="Linf", n_queries=300, eps=eps, p_init=0.8, seed=0, resc_schedule=False)
+    ref = SquareAttack(model, norm="Linf", n_queries=1000, eps=eps, p_init=0.8, seed=0, resc_schedule=False)
     with torch.no_grad():
         assert torch.equal(ref.perturb(xt, yt), x_adv)
 
@@ -564,7 +649,7 @@ def test_train_eval_attacks_add_numbers_to_the_summary(tiny_run: tuple[Path, dic
 
 
 ALL = "attacks=[clean,fgsm,pgd50,mim50,square,aa]"
-FAST = ("n_test=20", "queries=50", "aa.version=custom", "aa.components=[apgd-ce,square]", "batch_size=8")
+FAST = ("n_test=20", "queries=50", "aa.version=custom", "aa.components=[apgd-ce,square]", "batch_size=8", "restarts=2")
 
 
 def test_frep_eval_end_to_end_on_a_run_dir(tiny_run: tuple[Path, dict], pack_root: Path, cache_dir: Path) -> None:
@@ -585,6 +670,12 @@ def test_frep_eval_end_to_end_on_a_run_dir(tiny_run: tuple[Path, dict], pack_roo
     assert len(written["layers"]) == 21 and all(r["prunable"] for r in written["layers"].values())
     assert written["sizes"]["model_sparse_bytes"] < written["sizes"]["model_dense_bytes"]
     assert written["attack_settings"]["aa"]["components"] == ["apgd-ce", "square"]
+    # what ran is what was asked: every attack at eps (not the step size), PGD with its restarts
+    settings = written["attack_settings"]
+    assert all(settings[name]["eps"] == pytest.approx(EPS, rel=1e-9) for name in written["attacks"])
+    assert (settings["pgd50"]["steps"], settings["pgd50"]["restarts"]) == (50, 2)
+    assert settings["pgd50"]["step_size"] == pytest.approx(2 / 255, rel=1e-9) and settings["pgd50"]["random_start"]
+    assert settings["square"]["queries"] == 50
     metrics = next((run_dir / "eval_logs").rglob("metrics.csv")).read_text()
     assert "eval/pgd50" in metrics and "eval/worst_case" in metrics
     # same seed, same numbers
@@ -787,6 +878,32 @@ def test_frep_eval_tests_the_runs_own_subset(
     data = [f"data.{k}={run_cfg.data[k]}" for k in ("name", "root", "cache_dir")]
     report, x, _ = _evaluated_images(monkeypatch, _eval_cfg(*bare, *data, "seed=1"))
     assert torch.equal(x, x1) and report["subset_seed"] == 1 and report["config_path"] is None
+
+
+def test_frep_eval_evaluates_the_whole_test_split_by_default(
+    tiny_run: tuple[Path, dict], pack_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """n_test=null (the default): every image of the test split, each once, in the split's order (the
+    robust accuracy of a paper table is over the full test set, not a subset)."""
+    import numpy as np
+
+    import frep_lightning.eval as eval_app
+
+    run_dir, _ = tiny_run
+    seen: list[Tensor] = []
+
+    def spy(model, batches, attacks, **kwargs):
+        batches = list(batches)
+        seen.extend(y for _, y in batches)
+        return run_attacks(model, batches[:1], attacks, **kwargs)  # the count is the point, not the numbers
+
+    monkeypatch.setattr(eval_app, "run_attacks", spy)
+    cfg = _eval_cfg(f"ckpt={run_dir}", "attacks=[clean]", "logger=none", f"output={tmp_path / 'all.json'}")
+    assert cfg.n_test is None and cfg.eps == "8/255"
+    run(cfg)
+    with np.load(pack_root / "cifar10" / "test.npz") as split:
+        labels = torch.from_numpy(split["labels"])
+    assert len(labels) == 10000 and torch.equal(torch.cat(seen), labels)
 
 
 def test_python_m_frep_lightning_eval(tiny_run: tuple[Path, dict], tmp_path: Path) -> None:

@@ -195,6 +195,46 @@ def test_mart_by_hand() -> None:
     assert mart.attack_loss(ADV, CLEAN, Y).item() == pytest.approx(expected_attack, rel=1e-6)
 
 
+def _reference_loss(
+    objective: SRE | TRADES | MART, lc: torch.Tensor, la: torch.Tensor, y: torch.Tensor
+) -> torch.Tensor:
+    """The training losses as the papers / reference code write them (MART: its top-2 argsort for the wrong
+    class; TRADES: KLDivLoss of log p_adv against p_clean), every term differentiable in both outputs."""
+    pc, pa = lc.softmax(dim=1), la.softmax(dim=1)
+    if isinstance(objective, SRE):
+        onehot = nn.functional.one_hot(y, lc.shape[1]).float()
+        return ((pc - onehot) ** 2).sum(1).mean() + objective.lam * ((pa - pc) ** 2).sum(1).mean()
+    if isinstance(objective, TRADES):
+        kl = nn.KLDivLoss(reduction="sum")(nn.functional.log_softmax(la, dim=1), pc) / len(y)
+        return nn.functional.cross_entropy(lc, y) + objective.beta * kl
+    top2 = torch.argsort(pa, dim=1)[:, -2:]
+    new_y = torch.where(top2[:, -1] == y, top2[:, -2], top2[:, -1])
+    boosted = nn.functional.cross_entropy(la, y) + nn.functional.nll_loss(torch.log(1.0001 - pa + 1e-12), new_y)
+    kl = nn.KLDivLoss(reduction="none")(torch.log(pa + 1e-12), pc).sum(1)
+    true_probs = torch.gather(pc, 1, y[:, None]).squeeze(1)
+    return boosted + objective.beta * (kl * (1.0000001 - true_probs)).sum() / len(y)
+
+
+@pytest.mark.parametrize("objective", [SRE(lam=6.0), SRE(lam=0.5), TRADES(beta=6.0), MART(beta=6.0)], ids=repr)
+def test_training_losses_match_the_reference_in_value_and_in_both_gradients(objective: SRE | TRADES | MART) -> None:
+    """What the optimizer minimises is differentiated through the clean output too (unlike the attack's
+    detached reference), and MART's wrong class is the most likely class other than y even where the
+    adversarial prediction is y (half the rows here)."""
+    torch.manual_seed(0)
+    lc, la = torch.randn(16, 10) * 2, torch.randn(16, 10) * 2
+    y = torch.randint(0, 10, (16,))
+    y[:8] = la[:8].argmax(dim=1)  # classified correctly under attack
+    ours_c, ours_a = lc.clone().requires_grad_(True), la.clone().requires_grad_(True)
+    ref_c, ref_a = lc.clone().requires_grad_(True), la.clone().requires_grad_(True)
+    ours, ref = objective(ours_c, ours_a, y), _reference_loss(objective, ref_c, ref_a, y)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+    got = torch.autograd.grad(ours, (ours_c, ours_a))
+    want = torch.autograd.grad(ref, (ref_c, ref_a))
+    for g, w, name in zip(got, want, ("clean", "adversarial"), strict=True):
+        assert w.abs().sum() > 0
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"d loss / d {n} logits: {m}")
+
+
 @pytest.mark.parametrize("objective", [SRE(), SRE(attack_target="sre"), TRADES(), MART()], ids=repr)
 def test_objectives_compute_in_fp32_under_cpu_bf16_autocast(objective: SRE | TRADES | MART) -> None:
     """CPU autocast keeps softmax / log_softmax in bf16 (CUDA's upcasts them): the losses of bf16 logits

@@ -55,9 +55,12 @@ def project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
 
 
 def check_adversarial(x_adv: Tensor, x: Tensor, eps: float, tol: float = 1e-6) -> None:
-    """Hard error when an adversarial batch leaves the threat model (never silently report it)."""
+    """Hard error when an adversarial batch leaves the threat model (never silently report it), NaN
+    included: it passes every comparison, and argmax of NaN logits is a class (0), so NaN images from an
+    attack (AutoAttack's, a custom one) would otherwise count as robust examples of that class."""
     dist = (x_adv - x).abs().amax().item() if x.numel() else 0.0
-    if dist > eps + tol or x_adv.min().item() < 0.0 or x_adv.max().item() > 1.0:
+    finite = bool(torch.isfinite(x_adv).all())
+    if not finite or dist > eps + tol or x_adv.min().item() < 0.0 or x_adv.max().item() > 1.0:
         raise RuntimeError(
             f"adversarial batch outside the threat model: max|x_adv - x| = {dist:.6g} (eps {eps:.6g}), "
             f"range [{x_adv.min().item():.4g}, {x_adv.max().item():.4g}]"

@@ -424,7 +424,7 @@ def run_attacks(
                 so_far = ", ".join(f"{k} {int(sum(int(t.sum()) for t in v))}/{done}" for k, v in correct.items())
                 log.info("eval: batch %d/%s done, %.0f s: %s", b, total or "?", time.perf_counter() - begin, so_far)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if x.numel() and (x.min() < 0 or x.max() > 1):
+            if x.numel() and (x.min() < 0 or x.max() > 1 or not bool(torch.isfinite(x).all())):
                 raise ValueError("evaluation inputs must be images in [0, 1]; normalisation belongs inside the model")
             start = time.perf_counter()
             with torch.no_grad():
@@ -484,11 +484,15 @@ def trust_warnings(acc: Mapping[str, float], n: int, white_box: Mapping[str, boo
                     f"gradient masking suspected: FGSM accuracy {acc['fgsm']:.4f} is below {k.upper()} "
                     f"{acc[k]:.4f} (a one-step attack should never beat an iterated one)"
                 )
-    if "aa" in acc and "pgd50" in acc and acc["aa"] > acc["pgd50"] + AA_PGD_TOLERANCE:
-        warnings.append(
-            f"AutoAttack accuracy {acc['aa']:.4f} is more than {AA_PGD_TOLERANCE * 100:.1f} pts above PGD-50 "
-            f"{acc['pgd50']:.4f}: AutoAttack should be the stronger evaluation; check the setup"
-        )
+    iterated = [k for k in names if re.fullmatch(r"pgd\d+", k)]  # any PGD-k, not only the default PGD-50
+    if "aa" in acc and iterated:
+        strongest = min(iterated, key=lambda k: acc[k])
+        if acc["aa"] > acc[strongest] + AA_PGD_TOLERANCE:
+            warnings.append(
+                f"AutoAttack accuracy {acc['aa']:.4f} is more than {AA_PGD_TOLERANCE * 100:.1f} pts above "
+                f"{strongest.upper().replace('PGD', 'PGD-')} {acc[strongest]:.4f}: AutoAttack should be the "
+                "stronger evaluation; check the setup"
+            )
     if "square" in acc:
         wb = [k for k in names if (white_box or {}).get(k, k not in ("square", "aa")) and k != "aa"]
         if wb:
