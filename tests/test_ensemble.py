@@ -301,3 +301,124 @@ def test_side_loader_of_a_batch_sampler_loader_keeps_its_batch_size() -> None:
     sampled = DataLoader(data, batch_sampler=BatchSampler(RandomSampler(data), batch_size=4, drop_last=False))
     assert next(iter(_side_loader(sampled)))[0].shape[0] == 4
     assert next(iter(_side_loader(DataLoader(data, batch_sampler=Pairs()))))[0].shape[0] == 5  # type: ignore[arg-type]
+
+
+class Climb4(Climb):
+    """Climb with four batches per epoch."""
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.zeros(4, 1)), batch_size=1)
+
+
+def test_gradient_accumulation_updates_once_per_optimizer_step(tmp_path) -> None:
+    # accumulate_grad_batches=2: 4 batches, 2 optimizer steps (w = 1, 2); batch-end hooks of the batches
+    # that do not step see the same global_step and must not update again (nor update before any step)
+    module, ens = Climb4(), TemporalEnsemble(tau0=0.9, c=1.0, every_n_steps=1)
+    fit_trainer = quiet_trainer(tmp_path, [ens], max_epochs=1, accumulate_grad_batches=2)
+    fit_trainer.fit(module)
+    assert fit_trainer.global_step == 2 and module.history == pytest.approx([0.0, 1.0, 1.0, 2.0])
+    assert ens.n_updates == 2
+    assert float(module.w.detach()) == pytest.approx(0.5 * 1.0 + 0.5 * 2.0)  # t=1 copy, t=2 tau=1/2
+
+
+def test_bn_average_mode_is_an_ema_of_the_live_buffers() -> None:
+    from torch.optim.swa_utils import AveragedModel
+
+    live = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3))
+    cb = TemporalEnsemble(tau0=0.9, c=1.0, bn="average")
+    cb._average_model = AveragedModel(live, use_buffers=False)
+    means = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 0.0, 1.0]), torch.tensor([0.0, 6.0, 4.0])]
+    for step, mean in enumerate(means, start=1):  # three updates: tau = 0, 1/2, 2/3
+        with torch.no_grad():
+            live[1].running_mean.copy_(mean)
+            live[1].running_var.fill_(float(step))
+            live[1].num_batches_tracked.fill_(10 * step)
+        cb.update(live)
+    bn = cb._average_model.module[1]
+    expected = (means[0] * 0.5 + means[1] * 0.5) * (2 / 3) + means[2] / 3
+    torch.testing.assert_close(bn.running_mean, expected)
+    torch.testing.assert_close(bn.running_var, torch.full((3,), (1.0 * 0.5 + 2.0 * 0.5) * (2 / 3) + 3.0 / 3))
+    assert int(bn.num_batches_tracked) == 30  # an integer counter: copied, not averaged
+
+
+class ClimbValRecord(Climb):
+    """Climb whose validation records the weight the module holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[float] = []
+
+    def forward(self, x):
+        return self.w * x
+
+    def validation_step(self, batch, batch_idx):
+        self.seen.append(float(self.w.detach()))
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.zeros(1, 1)), batch_size=1)
+
+
+def test_validation_uses_the_live_model_until_the_first_update(tmp_path) -> None:
+    # 2 steps per epoch, f_e = 3: validation after step 2 has no ensemble yet (the averaged copy is the
+    # initial model, w = 0): it validates the live w = 2; after step 4 the ensemble (the copy made at t=3)
+    module, ens = ClimbValRecord(), TemporalEnsemble(tau0=0.9, c=1.0, every_n_steps=3, bn="copy")
+    quiet_trainer(tmp_path, [ens], max_epochs=2, num_sanity_val_steps=0).fit(module)
+    assert module.seen == [2.0, 3.0]
+    assert module.history == pytest.approx([1.0, 2.0, 3.0, 4.0])  # the live weight came back after validation
+
+
+class ValBNNetRecord(ValBNNet):
+    """ValBNNet whose validation records the module's whole state (weights and BatchNorm buffers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[dict[str, torch.Tensor]] = []
+
+    def validation_step(self, batch, batch_idx):
+        self.seen.append({k: v.detach().clone() for k, v in self.state_dict().items()})
+        super().validation_step(batch, batch_idx)
+
+
+def test_validation_swaps_in_the_ensemble_batchnorm_statistics_too(tmp_path) -> None:
+    """The ensemble is validated with its own (recomputed) BN statistics, not the live model's; Eq. 14's
+    distance to the live model is logged."""
+    module = ValBNNetRecord()
+    ens = TemporalEnsemble(tau0=0.9, c=1.0, every_n_steps=2, bn="recompute", bn_batches=4)  # updates at t=2, 4
+    trainer = quiet_trainer(tmp_path, [ens], max_epochs=1, num_sanity_val_steps=0)
+    trainer.fit(module)
+    (seen,) = module.seen
+    ensemble = ens._average_model.module.state_dict()
+    assert seen.keys() == ensemble.keys()
+    for k, v in ensemble.items():
+        assert torch.equal(seen[k], v), k
+    assert float(trainer.callback_metrics["ensemble/delta"]) > 1e-6
+
+
+def test_checkpoint_before_the_first_update_holds_the_live_model(tmp_path) -> None:
+    """Before its first update the averaged copy is the initial model (w = 0): a checkpoint's state_dict
+    (what load_from_checkpoint and evaluation read) must be the live model (w = 2) then."""
+    path = tmp_path / "early.ckpt"
+    module, ens = ClimbVal("save", path), TemporalEnsemble(every_n_steps=100, bn="copy")
+    with pytest.warns(UserWarning, match="no update"):
+        quiet_trainer(tmp_path, [ens], max_epochs=1, num_sanity_val_steps=0).fit(module)
+    ckpt = torch.load(path, weights_only=True)
+    assert float(ckpt["state_dict"]["w"]) == 2.0 and float(ckpt["current_model_state"]["w"]) == 2.0
+
+
+def test_resuming_a_finished_run_leaves_the_ensemble_in_the_module(tmp_path) -> None:
+    """Resuming from the last checkpoint of a finished run trains 0 steps and skips ``on_train_end``: the
+    module must still end up holding the ensemble, not the live weights restored from the checkpoint."""
+    from frep_lightning.checkpointing import LastCheckpoint
+
+    # w = 1, 2, 3, 4; ensemble 1 -> 1.5 (tau 1/2) -> 2.0 (tau 2/3) -> 2.5 (tau 3/4)
+    first = TemporalEnsemble(tau0=0.9, c=1.0, every_n_steps=1, bn="copy")
+    quiet_trainer(tmp_path, [first, LastCheckpoint(tmp_path / "ckpt")], max_epochs=2, enable_checkpointing=True).fit(
+        Climb()
+    )
+    again, ens = Climb(), TemporalEnsemble(tau0=0.9, c=1.0, every_n_steps=1, bn="copy")
+    trainer = quiet_trainer(
+        tmp_path, [ens, LastCheckpoint(tmp_path / "again")], max_epochs=2, enable_checkpointing=True
+    )
+    trainer.fit(again, ckpt_path=tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert trainer.global_step == 4 and again.history == []  # nothing trained
+    assert float(again.w.detach()) == pytest.approx(2.5)

@@ -26,7 +26,12 @@ def _module() -> FReP:
 def _trainer(epoch: int = 0) -> SimpleNamespace:
     g = torch.Generator().manual_seed(1)
     x, y = torch.rand(16, 3, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
-    datamodule = SimpleNamespace(train_subset_loader=lambda n, bs: [(x[:8], y[:8]), (x[8:], y[8:])])
+
+    def loader(n: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        torch.randperm(n)  # a loader that draws from the global RNG (a shuffle without its own generator)
+        return [(x[:8], y[:8]), (x[8:], y[8:])]
+
+    datamodule = SimpleNamespace(train_subset_loader=loader)
     return SimpleNamespace(datamodule=datamodule, current_epoch=epoch)
 
 
@@ -135,3 +140,17 @@ def test_pruning_after_resuming_a_checkpoint_without_masks_kept_is_not_a_collaps
         warnings.simplefilter("error")
         monitor.on_train_epoch_end(_trainer(1), module)  # type: ignore[arg-type]
     assert monitor.history[-1] < 0.45 and monitor.collapsed_epochs == []  # below 0.5 x 0.9, yet no collapse
+
+
+def test_collapse_thresholds_min_best_and_ratio() -> None:
+    """A collapse is accuracy strictly below ``collapse_ratio`` x best, once the best reached ``min_best``."""
+    monitor = RobustnessMonitor(collapse_ratio=0.8, min_best=0.2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not monitor.observe(0.15, 0)
+        assert not monitor.observe(0.01, 1)  # a fall from a best below min_best: noise of an untrained model
+        assert not monitor.observe(0.50, 2)
+        assert not monitor.observe(0.40, 3)  # exactly 0.8 x 0.5: not below
+        assert monitor.observe(0.39, 4)
+    assert monitor.collapsed_epochs == [4] and monitor.best == 0.5
+    assert [str(w.message).split(":")[0] for w in caught] == ["CATASTROPHIC OVERFITTING suspected at epoch 4"]

@@ -560,9 +560,12 @@ def test_background_write_holds_the_state_of_its_save_point(tmp_path: Path) -> N
     loaded = AtomicCheckpointIO().load_checkpoint(path)
     assert loaded["global_step"] == 1 and torch.equal(loaded["state_dict"]["w"], torch.arange(1_000_000.0))
     bad = {"state_dict": {"w": torch.tensor([float("nan")])}, "global_step": 2}
-    io.save_checkpoint(bad, path)
+    # raised at teardown, or already at the save when the worker thread refused it before the save returned
     with pytest.raises(NonFiniteStateError):
-        io.teardown()
+        try:
+            io.save_checkpoint(bad, path)
+        finally:
+            io.teardown()
     assert AtomicCheckpointIO().load_checkpoint(path)["global_step"] == 1
 
 
@@ -790,3 +793,108 @@ def test_training_clock_reused_across_fits_restarts(tmp_path: Path) -> None:
     first = clock.seconds
     helpers.quiet_trainer(tmp_path, [clock], max_steps=1).fit(Slow(), loader)
     assert first >= 1.0 and clock.seconds < first  # one 0.5 s step, not 1.0 s + 0.5 s
+
+
+class BNNet(pl.LightningModule):
+    """A BatchNorm classifier for :func:`synthetic_datamodule` (3 batches per epoch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 8), nn.BatchNorm1d(8), nn.Linear(8, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: Any, idx: int) -> torch.Tensor:
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch: Any, idx: int) -> None:
+        self.log("val_loss", nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.SGD(self.parameters(), lr=0.1)
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.MultiStepLR(opt, [1], 0.1)}
+
+
+@pytest.mark.parametrize("validate", [False, True], ids=["updated_since_bn", "pruned_since_bn"])
+def test_resume_refreshes_stale_ensemble_batchnorm_like_the_uninterrupted_run(tmp_path: Path, validate: bool) -> None:
+    """One ensemble update at t=3 (the end of epoch 0; f_e = 3, then 30 after the LR drop), pruning at the
+    start of epoch 1, which trains steps 4-6. In last.ckpt (end of epoch 0) the ensemble's BN statistics
+    are stale: without validation they predate the update; with it they were recomputed, but pruning then
+    changes the weights. The resumed run must know it from the checkpoint and recompute them at the end,
+    as the uninterrupted run does."""
+    from frep_lightning.pruning import RobustPruning
+
+    def fit(root: Path, kill_at: int | None = None, ckpt: Path | None = None) -> dict[str, torch.Tensor]:
+        pl.seed_everything(0)
+        module, ensemble = BNNet(), TemporalEnsemble(every_n_steps=3, bn="recompute", bn_batches=2)
+        trainer = quiet_trainer(
+            root,
+            [
+                HookLog([], kill_at),
+                ensemble,
+                RobustPruning(0.5, epoch=1),
+                LastCheckpoint(root),
+            ],
+            max_epochs=2,
+            limit_val_batches=1 if validate else 0,
+            num_sanity_val_steps=0,
+            plugins=[AtomicCheckpointIO()],
+            enable_checkpointing=True,
+        )
+        with contextlib.suppress(Killed):
+            trainer.fit(module, datamodule=synthetic_datamodule(), ckpt_path=ckpt, weights_only=True)
+        if kill_at is None:
+            assert trainer.global_step == 6 and ensemble.n_updates == 1 and ensemble.interval == 30
+        return {k: v.clone() for k, v in module.state_dict().items() if "running" in k}
+
+    ref = fit(tmp_path / "ref")
+    fit(tmp_path / "part", kill_at=3)
+    resumed = fit(tmp_path / "resumed", ckpt=tmp_path / "part" / "last.ckpt")
+    assert ref and ref.keys() == resumed.keys()
+    for k, v in ref.items():
+        torch.testing.assert_close(resumed[k], v, rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_rng_state_restores_every_stream() -> None:
+    """torch, numpy and Python's random come back to the saved point (user transforms may draw from any)."""
+    import random
+
+    import numpy as np
+
+    from frep_lightning.checkpointing import collect_rng_states
+
+    def draw() -> tuple[list[float], list[float], list[float]]:
+        return torch.rand(3).tolist(), np.random.randn(3).tolist(), [random.random() for _ in range(3)]
+
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    np.random.randn()  # numpy caches the second gaussian of a pair: part of its state
+    state = RNGState()
+    saved = torch.load(_round_trip(state.state_dict()), weights_only=True)
+    expected = draw()
+    draw()
+    state.load_state_dict(saved)
+    assert draw() == expected and state.restored
+    assert set(collect_rng_states()) == {"torch", "torch.cuda", "numpy", "python"}
+
+
+def _round_trip(obj: Any) -> Any:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_masks_that_differ_between_the_models_stay_distinct(tmp_path: Path) -> None:
+    """Only equal masks of the live and the ensemble model share one tensor on disk; different ones (a
+    user's own averaging) each come back as saved."""
+    key = "conv.parametrizations.weight.0.mask"
+    live, ensemble = torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.tensor([1.0, 1.0, 0.0, 0.0])
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"state_dict": {key: ensemble}, "current_model_state": {key: live}}, tmp_path / "a.ckpt")
+    loaded = io.load_checkpoint(tmp_path / "a.ckpt")
+    assert torch.equal(loaded["state_dict"][key], ensemble) and torch.equal(loaded["current_model_state"][key], live)
