@@ -898,3 +898,23 @@ def test_masks_that_differ_between_the_models_stay_distinct(tmp_path: Path) -> N
     io.save_checkpoint({"state_dict": {key: ensemble}, "current_model_state": {key: live}}, tmp_path / "a.ckpt")
     loaded = io.load_checkpoint(tmp_path / "a.ckpt")
     assert torch.equal(loaded["state_dict"][key], ensemble) and torch.equal(loaded["current_model_state"][key], live)
+
+
+def test_resuming_step_limited_training_is_refused_by_frep_train_and_warned_in_lightning(
+    pack_root: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """Lightning 2.6 replays an epoch-end checkpoint's epoch end under ``max_steps`` and counts that epoch
+    twice (measured: a max_epochs=2/max_steps=5 run resumed after epoch 0 stopped at step 3). frep-train
+    refuses the combination before reading anything; LastCheckpoint in a user's Trainer says so."""
+
+    def fit(ckpt: Path | None = None, **limits: Any) -> None:
+        trainer = quiet_trainer(tmp_path, [LastCheckpoint(tmp_path / "ck")], enable_checkpointing=True, **limits)
+        trainer.fit(Linear(), datamodule=synthetic_datamodule(), weights_only=True, ckpt_path=ckpt)
+
+    fit(max_epochs=1)
+    ckpt = tmp_path / "ck" / "last.ckpt"
+    cfg = tiny_cfg(pack_root, cache_dir, tmp_path / "r", f"ckpt_path={ckpt}", "+trainer.max_steps=5")
+    with pytest.raises(ConfigError, match=r"trainer\.max_steps=5 with ckpt_path: .* trainer\.max_epochs"):
+        train_module.run(cfg)
+    with pytest.warns(UserWarning, match=r"resuming with max_steps=5\. .* max_epochs for an exact resume"):
+        fit(ckpt, max_steps=5)

@@ -198,6 +198,13 @@ class LastCheckpoint(ModelCheckpoint):
             return
         self.remove_partial_writes()
         resumed = Path(str(trainer.ckpt_path)) if trainer.ckpt_path else None
+        if resumed is not None and trainer.max_steps != -1:
+            rank_zero_warn(
+                f"LastCheckpoint: resuming with max_steps={trainer.max_steps}. Lightning restores step-limited "
+                "training inexactly from an epoch-end checkpoint: it replays that epoch's end and counts the epoch "
+                "twice (the run can stop early at max_epochs, or train one batch too many). Limit the run with "
+                "max_epochs for an exact resume"
+            )
         if resumed is not None and resumed.parent != self.path.parent:
             left = sorted(resumed.parent.glob(f".{resumed.name}.*.tmp"))
             if left:  # another run's directory: that run may still be writing, so say it, do not delete

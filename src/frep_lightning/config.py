@@ -445,6 +445,20 @@ def _width_errors(cfg: DictConfig) -> list[str]:
     return []
 
 
+def _resume_errors(cfg: DictConfig) -> list[str]:
+    """Lightning (2.6) resumes step-limited training inexactly: an epoch-end checkpoint replays that epoch's
+    end and counts the epoch twice (measured: max_epochs=2, max_steps=5, resumed after epoch 0: stopped at
+    step 3)."""
+    max_steps = OmegaConf.select(cfg, "trainer.max_steps")
+    if not cfg.get("ckpt_path") or max_steps in (None, -1):
+        return []
+    return [
+        f"trainer.max_steps={max_steps} with ckpt_path: Lightning resumes step-limited training inexactly (the "
+        "epoch of an epoch-end checkpoint is counted twice: the run can stop early or train a batch too many); "
+        "limit the run with trainer.max_epochs to resume it"
+    ]
+
+
 def schedule_warnings(cfg: DictConfig) -> list[str]:
     """Valid but probably unintended schedules: a shortened recipe that keeps LR drops it never reaches
     (the ensemble interval then never grows either)."""
@@ -479,6 +493,7 @@ def validate_train_config(cfg: DictConfig, check_data: bool = False) -> None:
         errors += check_eval_attacks(cfg)
     if not any(e.startswith("model.") for e in errors):  # a bad model.name is one problem, not two
         errors += _width_errors(cfg)
+    errors += _resume_errors(cfg)
     if errors:
         lines = "\n  ".join(errors)
         raise ConfigError(f"invalid config ({len(errors)} problem{'s' if len(errors) > 1 else ''}):\n  {lines}")
