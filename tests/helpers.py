@@ -23,3 +23,23 @@ def quiet_trainer(root: str | Path, callbacks: Sequence[pl.Callback] = (), **ove
     }
     kwargs.update(overrides)
     return pl.Trainer(**kwargs)
+
+
+def tiny_run_overrides(pack_root: str | Path, cache_dir: str | Path) -> list[str]:
+    """frep-train on 32 real images, 2 epochs of 2 steps, pruned after the first, an ensemble update every
+    step: the smallest run that goes through pruning, the ensemble, the merge and the final evaluation."""
+    return [
+        "experiment=smoke",
+        f"data.root={pack_root}",
+        f"data.cache_dir={cache_dir}",
+        "model.width=4",
+        "data.n_train=32",
+        "data.n_val=10",
+        "data.batch_size=16",
+        "trainer.max_epochs=2",
+        "pruning.epoch=1",
+        "optim.milestones=[1]",
+        "ensemble.every_n_steps=1",
+        "ensemble.bn_batches=1",
+        "monitor=null",
+    ]

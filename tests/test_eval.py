@@ -45,6 +45,7 @@ from frep_lightning.evaluate import (
 )
 from frep_lightning.train import config_dir
 from frep_lightning.train import run as train_run
+from helpers import tiny_run_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 EPS = 8 / 255
@@ -608,20 +609,8 @@ def tiny_run(pack_root: Path, cache_dir: Path, tmp_path_factory: pytest.TempPath
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     cfg = _train_cfg(
-        "experiment=smoke",
-        f"data.root={pack_root}",
-        f"data.cache_dir={cache_dir}",
-        "model.width=4",
-        "data.n_train=32",
-        "data.n_val=10",
-        "data.batch_size=16",
-        "trainer.max_epochs=2",
-        "pruning.epoch=1",
-        "optim.milestones=[1]",
-        "ensemble.every_n_steps=1",
-        "ensemble.bn_batches=1",
+        *tiny_run_overrides(pack_root, cache_dir),
         "val_attack_steps=1",
-        "monitor=null",
         "logger=csv",
         "eval.n_test=20",
         "eval.pgd_steps=3",

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, open_dict
 from frep_lightning.config import ConfigError, validate_train_config
 from frep_lightning.models import build_model
 from frep_lightning.train import build_callbacks, build_module, config_dir, run
+from helpers import tiny_run_overrides
 
 CONF = Path(config_dir())
 
@@ -234,25 +235,8 @@ def test_a_structured_run_accounts_for_the_channels_it_can_cut(
     import frep_lightning.train as train_module
     from frep_lightning.slimming import macs_per_image, slim
 
-    cfg = cfg_for(
-        "experiment=smoke",
-        "method=frep_ch",
-        f"data.root={pack_root}",
-        f"data.cache_dir={cache_dir}",
-        "model.width=4",
-        "data.n_train=32",
-        "data.n_val=10",
-        "data.batch_size=16",
-        "trainer.max_epochs=2",
-        "pruning.epoch=1",
-        "optim.milestones=[1]",
-        "ensemble.every_n_steps=1",
-        "ensemble.bn_batches=1",
-        "monitor=null",
-        "logger=none",
-        "eval.n_test=10",
-        "eval.pgd_steps=1",
-    )
+    overrides = ("method=frep_ch", "logger=none", "eval.n_test=10", "eval.pgd_steps=1")
+    cfg = cfg_for(*tiny_run_overrides(pack_root, cache_dir), *overrides)
     with open_dict(cfg):
         cfg.run_dir = str(tmp_path / "run")
     summary = run(cfg)
