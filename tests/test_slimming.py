@@ -190,3 +190,157 @@ def test_the_saved_program_runs_without_the_package_at_any_batch_size(tmp_path) 
     for n in (1, 3):
         torch.testing.assert_close(loaded(x[:n]), net(x[:n]), rtol=1e-5, atol=1e-6)
     assert [p.name for p in tmp_path.iterdir()] == ["m.pt2"]  # written atomically: no temp file left
+
+
+class _AuxHead(nn.Module):
+    """An auxiliary head that only training runs (GoogLeNet style): tracing in one mode does not see it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.aux = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.relu(self.c1(x))
+        out = self.c2(y).mean((2, 3))
+        return out + self.aux(y).mean((2, 3)) if self.training else out
+
+
+def test_a_branch_taken_in_one_mode_only_keeps_the_channels_it_reads() -> None:
+    net = _AuxHead().eval()
+    _kill(net.c1, None, [0, 1])
+    x = torch.rand(2, 3, 8, 8)
+    small, report = slim(net, x)
+    assert report["layers"] == {}  # c1 feeds aux in training: cutting it would break fine-tuning the slim model
+    torch.testing.assert_close(small.train()(x), net.train()(x))
+    net = _Chain().eval()  # no such branch: a training-mode trace agrees, the cut happens
+    _kill(net.c1, net.b1, [0])
+    assert slim(net, x)[1]["layers"] == {"c1": [8, 7]}
+
+
+def test_the_check_runs_in_eval_mode_and_leaves_the_model_as_it_was() -> None:
+    """A model in training mode: dropout would differ between the two runs, and BatchNorm would update the
+    caller's running statistics; both nets come back in the modes they had."""
+    torch.manual_seed(0)
+    net = _Chain().train()
+    net.b2.eval()
+    _kill(net.c1, net.b1, [0, 3])
+    _kill(net.c2, net.b2, [1])
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    small, report = slim(net, torch.rand(4, 3, 8, 8))
+    assert report["layers"] == {"c1": [8, 6], "c2": [6, 5]}
+    assert all(torch.equal(v, state[k]) for k, v in net.state_dict().items())
+    for model in (net, small):
+        assert model.training and model.drop.training and model.b1.training and not model.b2.training
+
+
+def test_a_half_precision_model_is_checked_at_its_precision() -> None:
+    """bfloat16: a narrower layer sums in another order, a rounding step apart: not a wrong cut."""
+    torch.manual_seed(0)
+    model = build_model("wrn28_10", width=2).eval()
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    paired = channel_dependents(model, convs)
+    for conv in convs:
+        m = model.get_submodule(conv)
+        dead = torch.randperm(m.out_channels)[: m.out_channels // 2].tolist()
+        _kill(m, model.get_submodule(paired[conv][0]) if paired[conv] else None, dead)
+    small, report = slim(model.to(torch.bfloat16), torch.rand(8, 3, 32, 32).to(torch.bfloat16))
+    assert len(report["layers"]) == 13 and small.net.conv1.weight.dtype == torch.bfloat16
+
+
+class _Untraceable(nn.Module):
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.conv(x)
+        return y[:, :4] if y.sum() > 0 else -y[:, :4]  # data-dependent: torch.fx cannot trace this
+
+
+class _Clamped(nn.Module):
+    """conv -> ``how`` -> conv, for every way a zero channel can reach the next conv as something else."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+        self.act = nn.Hardtanh(0.1, 1.0) if how == "Hardtanh(0.1, 1)" else nn.ReLU6()
+        if how == "c1 also in an untraced module":
+            self.hidden = _Untraceable(self.c1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.c1(x)
+        if self.how == "F.hardtanh(y, 0.1, 1.0)":
+            return self.c2(nn.functional.hardtanh(y, 0.1, 1.0))
+        if self.how == "F.conv2d(x, c1.weight)":  # the producer's weight read directly as well
+            return self.c2(torch.relu(y)) + nn.functional.conv2d(x, self.c1.weight, padding=1)[:, :4]
+        if self.how == "c1 also in an untraced module":  # the trace sees one call of c1, the model makes two
+            return self.c2(torch.relu(y)) + self.hidden(x)
+        return self.c2(self.act(y))
+
+
+@pytest.mark.parametrize(
+    "how", ["Hardtanh(0.1, 1)", "F.hardtanh(y, 0.1, 1.0)", "F.conv2d(x, c1.weight)", "c1 also in an untraced module"]
+)
+def test_zero_channels_reaching_a_constant_or_a_second_use_of_the_weights_stay(how: str) -> None:
+    net = _Clamped(how).eval()
+    _kill(net.c1, None, [0, 5])
+    x = torch.rand(2, 3, 8, 8)
+    small, report = slim(net, x)  # a cut here would change the outputs (and the check would refuse the model)
+    assert report["layers"] == {}
+    torch.testing.assert_close(small(x), net(x))
+
+
+def test_a_clamp_that_keeps_zero_and_tied_weights() -> None:
+    x = torch.rand(2, 3, 8, 8)
+    net = _Clamped("ReLU6").eval()
+    _kill(net.c1, None, [0, 5])
+    assert slim(net, x)[1]["layers"] == {"c1": [8, 6]}
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.head = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 2, 1)
+            self.b.weight = self.a.weight  # one tensor: cutting it for a would change b
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    tied = Tied().eval()
+    _kill(tied.a, None, [0, 1])
+    with torch.no_grad():
+        tied.b.bias[[0, 1]] = 0
+    small, report = slim(tied, torch.rand(2, 8, 4, 4))
+    assert report["layers"] == {} and small.a.weight is small.b.weight
+
+
+def test_a_channels_last_model_stays_channels_last() -> None:
+    net = _Chain().eval().to(memory_format=torch.channels_last)
+    _kill(net.c1, net.b1, [1, 2])
+    small, _ = slim(net, torch.rand(2, 3, 8, 8).to(memory_format=torch.channels_last))
+    assert small.c1.weight.shape[0] == 6
+    assert all(small.get_submodule(n).weight.is_contiguous(memory_format=torch.channels_last) for n in ("c1", "c2"))
+
+
+class _MeanPooled(nn.Module):
+    """conv -> BN -> ReLU -> ``x.mean((2, 3))`` -> Linear: the global average pool of MnasNet and much CIFAR code."""
+
+    def __init__(self, keepdim: bool) -> None:
+        super().__init__()
+        self.keepdim = keepdim
+        self.c1, self.b1, self.fc = nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = torch.relu(self.b1(self.c1(x)))
+        return self.fc(y.mean((2, 3)) if not self.keepdim else torch.flatten(y.mean([-1, -2], keepdim=True), 1))
+
+
+@pytest.mark.parametrize("keepdim", [False, True])
+def test_a_global_mean_before_the_classifier_is_a_pool(keepdim: bool) -> None:
+    net = _MeanPooled(keepdim).eval()
+    _random_stats(net)
+    _kill(net.c1, net.b1, [0, 6])
+    x = torch.rand(2, 3, 8, 8)
+    small, report = slim(net, x)
+    assert report["layers"] == {"c1": [8, 6]} and small.fc.in_features == 6
+    torch.testing.assert_close(small(x), net(x))

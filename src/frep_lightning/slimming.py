@@ -9,8 +9,11 @@ the way and from the input of the layers that read it, wherever that leaves ever
 - the producer is a ``Conv2d`` or ``Linear`` (``groups=1``), called once;
 - between it and its readers there are only BatchNorms (called once, γ = β = 0 on the channel) and
   per-channel operations that map 0 to 0 (ReLU-like activations, dropout, max/avg pooling, a
-  ``flatten`` before a ``Linear``);
-- every reader is a ``Conv2d`` (``groups=1``) or ``Linear`` called once.
+  ``flatten`` or a global ``mean`` before a ``Linear``);
+- every reader is a ``Conv2d`` (``groups=1``) or ``Linear`` called once;
+- none of these layers' weights is used otherwise (a second name, a tied parameter, a direct
+  ``F.conv2d(x, layer.weight)``), and all of this holds in training as in evaluation mode (a branch on
+  ``self.training``, such as an auxiliary head, is in one mode's trace only).
 
 A channel that reaches anything else is kept: a residual sum (the identity path carries the channel:
 the last conv of a ResNet block keeps its width), a concatenation, a reshape, the model's output.
@@ -27,6 +30,7 @@ Example (``frep-eval ckpt=<run> slim=true`` does this and evaluates the smaller 
 from __future__ import annotations
 
 import copy
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -79,11 +83,41 @@ def _flatten_from_1(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return False
 
 
+def _spatial_mean(node: fx.Node) -> str | None:
+    """The layout after ``x.mean((2, 3))`` / ``torch.mean(x, [-2, -1], keepdim)`` (a global average pool, as
+    in MnasNet): "vector" (batch, channels), "spatial" with ``keepdim``; None for any other call."""
+    if (node.op, node.target) not in (("call_method", "mean"), ("call_function", torch.mean)):
+        return None
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if not isinstance(dim, (tuple, list)) or not all(isinstance(d, int) for d in dim) or not isinstance(keepdim, bool):
+        return None
+    if sorted(dim) not in ([2, 3], [-2, -1]):
+        return None
+    return "spatial" if keepdim else "vector"
+
+
+def _clamps_zero_away(node: fx.Node, m: nn.Module | None) -> bool:
+    """A hardtanh whose range leaves out 0 (``Hardtanh(0.1, 1)``): it maps a zero channel to a constant."""
+    if isinstance(m, nn.Hardtanh):
+        low, high = m.min_val, m.max_val
+    elif node.op == "call_function" and node.target is F.hardtanh:
+        low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+        high = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
+    else:
+        return False
+    return not (isinstance(low, (int, float)) and isinstance(high, (int, float)) and low <= 0 <= high)
+
+
 def _is_passthrough(node: fx.Node, modules: dict[str, nn.Module], spatial: bool) -> bool:
     if node.op == "call_module":
         m = modules.get(str(node.target))
+        if _clamps_zero_away(node, m):
+            return False
         return isinstance(m, _ELEMENTWISE_MODULES) or (spatial and isinstance(m, _SPATIAL_MODULES))
     if node.op == "call_function":
+        if _clamps_zero_away(node, None):
+            return False
         return node.target in _ELEMENTWISE_FUNCTIONS or (spatial and node.target in _SPATIAL_FUNCTIONS)
     if node.op == "call_method":
         return node.target in _ELEMENTWISE_METHODS
@@ -127,6 +161,8 @@ def _chain(
                 todo.append((user, layout))
             elif layout == "spatial" and _flatten_from_1(user, modules):
                 todo.append((user, "flat"))
+            elif layout == "spatial" and _spatial_mean(user) is not None:
+                todo.append((user, str(_spatial_mean(user))))
             elif _is_passthrough(user, modules, spatial=layout == "spatial"):
                 todo.append((user, layout))
             else:
@@ -152,32 +188,48 @@ def _take(module: nn.Module, name: str, index: Tensor, dim: int) -> None:
     if value is None:
         return
     new = value.detach().index_select(dim, index.to(value.device)).clone()
+    if value.dim() == 4 and value.is_contiguous(memory_format=torch.channels_last) and not value.is_contiguous():
+        new = new.contiguous(memory_format=torch.channels_last)  # index_select returns NCHW: keep the fast layout
     if isinstance(value, nn.Parameter):
         setattr(module, name, nn.Parameter(new, requires_grad=value.requires_grad))
     else:
         setattr(module, name, new)
 
 
-@torch.no_grad()
-def slim_(model: nn.Module) -> dict[str, Any]:
-    """Remove, in place, every output channel that is exactly 0 and can be cut out without changing any
-    output (see the module docstring). Returns ``{"layers": {name: [channels before, after]},
-    "parameters": [before, after], "untraced": [...]}``. ``model`` must hold plain weights: a merged
-    model (``merge_``, or a module loaded from ``model.pt``)."""
-    if any(parametrize.is_parametrized(m) for m in model.modules()):
-        raise ValueError("slim_ needs plain weights: merge the reparameterization first (merge_) or load model.pt")
-    params_before = sum(p.numel() for p in model.parameters())
-    graph, opaque = trace(model)
-    names = {id(m): n for n, m in model.named_modules()}
-    untraced = sorted(names[i] or "<root>" for i in opaque if i in names)
-    if graph is None:
-        return {"layers": {}, "parameters": [params_before, params_before], "untraced": untraced}
+def _entangled(model: nn.Module, graph: fx.Graph) -> set[int]:
+    """Ids of the modules whose weights are used beyond their one traced call: a module registered under
+    two names (one may be called where the trace cannot see, in an untraced module), a parameter or
+    buffer tied to another module's, a weight read directly (``F.conv2d(x, self.conv.weight)``).
+    Cutting one of them would change that other use."""
+    counts: dict[int, int] = {}
+    for _, m in model.named_modules(remove_duplicate=False):
+        counts[id(m)] = counts.get(id(m), 0) + 1
+    out = {i for i, n in counts.items() if n > 1}
+    holders: dict[int, set[int]] = {}
+    for m in model.modules():
+        for t in (*m._parameters.values(), *m._buffers.values()):
+            if t is not None:
+                holders.setdefault(id(t), set()).add(id(m))
+    for ids in holders.values():
+        if len(ids) > 1:
+            out |= ids
     modules = dict(model.named_modules())
+    for node in graph.nodes:
+        owner = modules.get(str(node.target).rpartition(".")[0]) if node.op == "get_attr" else None
+        if owner is not None:
+            out.add(id(owner))
+    return out
+
+
+def _plans(model: nn.Module, graph: fx.Graph) -> dict[str, tuple[nn.Module, _Chain, Tensor]]:
+    """Every producer of ``graph`` with channels to cut: ``{name: (producer, chain, channels kept)}``."""
+    modules = dict(model.named_modules())
+    entangled = _entangled(model, graph)
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
             calls[str(node.target)] = calls.get(str(node.target), 0) + 1
-    plans: list[tuple[str, nn.Module, _Chain, Tensor]] = []
+    plans: dict[str, tuple[nn.Module, _Chain, Tensor]] = {}
     for node in graph.nodes:
         m = modules.get(str(node.target)) if node.op == "call_module" else None
         if not isinstance(m, (nn.Conv2d, nn.Linear)) or calls[str(node.target)] != 1:
@@ -186,16 +238,57 @@ def slim_(model: nn.Module) -> dict[str, Any]:
             continue
         channels = m.weight.shape[0]
         chain = _chain(node, channels, isinstance(m, nn.Conv2d), modules, calls)
-        if chain is None:
+        if chain is None or any(id(x) in entangled for x in (m, *chain.norms, *(r for r, _ in chain.readers))):
             continue
         keep = (~_dead(m, chain.norms)).nonzero().flatten()
         if len(keep) == channels:
             continue
         if len(keep) == 0:
             keep = torch.zeros(1, dtype=torch.long, device=keep.device)  # a zero-width layer is not a layer
-        plans.append((str(node.target), m, chain, keep))
+        plans[str(node.target)] = (m, chain, keep)
+    return plans
+
+
+def _same_chain(a: _Chain, b: _Chain) -> bool:
+    return {id(n) for n in a.norms} == {id(n) for n in b.norms} and {(id(r), per) for r, per in a.readers} == {
+        (id(r), per) for r, per in b.readers
+    }
+
+
+def _graph_in_mode(model: nn.Module, training: bool) -> fx.Graph | None:
+    """``model`` traced as ``model.train(training)`` runs it (tracing fixes ``if self.training:`` branches),
+    every module's mode restored afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        return trace(model)[0]
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+@torch.no_grad()
+def slim_(model: nn.Module) -> dict[str, Any]:
+    """Remove, in place, every output channel that is exactly 0 and can be cut out without changing any
+    output (see the module docstring), in training as in evaluation mode. Returns ``{"layers": {name:
+    [channels before, after]}, "parameters": [before, after], "untraced": [...]}``. ``model`` must hold
+    plain weights: a merged model (``merge_``, or a module loaded from ``model.pt``)."""
+    if any(parametrize.is_parametrized(m) for m in model.modules()):
+        raise ValueError("slim_ needs plain weights: merge the reparameterization first (merge_) or load model.pt")
+    params_before = sum(p.numel() for p in model.parameters())
+    graph, opaque = trace(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    untraced = sorted(names[i] or "<root>" for i in opaque if i in names)
+    if graph is None:
+        return {"layers": {}, "parameters": [params_before, params_before], "untraced": untraced}
+    plans = _plans(model, graph)
+    for training in (False, True):  # a branch taken in one mode only (an auxiliary head) must still fit
+        if plans and any(m.training != training for m in model.modules()):
+            other = _graph_in_mode(model, training)
+            found = {} if other is None else _plans(model, other)
+            plans = {k: v for k, v in plans.items() if k in found and _same_chain(v[1], found[k][1])}
     layers: dict[str, list[int]] = {}
-    for name, producer, chain, keep in plans:  # indices were all taken from the unmodified model
+    for name, (producer, chain, keep) in plans.items():  # indices were all taken from the unmodified model
         layers[name] = [producer.weight.shape[0], len(keep)]
         _take(producer, "weight", keep, 0)
         _take(producer, "bias", keep, 0)
@@ -242,11 +335,26 @@ def macs_per_image(model: nn.Module, example: Tensor) -> tuple[Tensor, int]:
 def slim(model: nn.Module, example: Tensor, rtol: float = 1e-4, atol: float = 1e-5) -> tuple[nn.Module, dict[str, Any]]:
     """:func:`slim_` on a copy of ``model``, checked: the copy's outputs on ``example`` must equal the
     original's (else ``RuntimeError``: a pattern the rules above misjudge must not ship silently).
-    The report also gets ``macs``: multiply-accumulates per image, [before, after]."""
+    The check runs both in evaluation mode (deterministic: no dropout, and a training-mode BatchNorm
+    would update ``model``'s running statistics); the modules' modes are restored afterwards. A half or
+    bfloat16 model is compared to a few units in the last place of its largest output (a narrower
+    layer sums in another order). The report also gets ``macs``: multiply-accumulates per image,
+    [before, after]."""
     small = copy.deepcopy(model)
     report = slim_(small)
-    (full, macs_before), (cut, macs_after) = macs_per_image(model, example), macs_per_image(small, example)
+    modes = [m.training for m in model.modules()]  # the copy has the same modules in the same order
+    try:
+        model.eval()
+        small.eval()
+        (full, macs_before), (cut, macs_after) = macs_per_image(model, example), macs_per_image(small, example)
+    finally:
+        for net in (model, small):
+            for m, mode in zip(net.modules(), modes, strict=True):
+                m.training = mode
     report["macs"] = [macs_before, macs_after]
+    scale = float(full.abs().max()) if full.is_floating_point() and full.numel() else 0.0
+    if math.isfinite(scale):  # (an inf output must not make the check vacuous)
+        atol = max(atol, 4 * torch.finfo(full.dtype).eps * scale)
     if not torch.allclose(cut, full, rtol=rtol, atol=atol):
         diff = float((cut - full).abs().max())
         raise RuntimeError(
