@@ -687,7 +687,7 @@ def test_frep_eval_slim_evaluates_and_writes_the_cut_network(tiny_run: tuple[Pat
     assert before == sum(p.numel() for p in model.parameters()) and after <= before
     assert 0 < cut["slim"]["macs"][1] <= cut["slim"]["macs"][0]
     assert cut["clean"] == full["clean"] and cut["fgsm"] == full["fgsm"]
-    assert Path(cut["slim"]["program"]) == tmp_path / "model_slim.pt2"
+    assert Path(cut["slim"]["program"]) == tmp_path / "slim_model_slim.pt2"  # named after output=slim.json
     program = torch.export.load(cut["slim"]["program"]).module()
     x = torch.rand(3, 3, 32, 32)
     torch.testing.assert_close(program(x), model(x), rtol=1e-4, atol=1e-5)

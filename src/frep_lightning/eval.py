@@ -489,7 +489,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("slim"):  # the numbers below are then the smaller network's, which is what ships
         example = next(iter(datamodule.test_dataloader()))[0][:8].cpu()  # the model is still on the CPU here
         model, slimmed = slim(model, example)
-        slimmed["program"] = str(out.with_name("model_slim.pt2"))
+        # beside eval.json; with output=<name>.json, <name>_model_slim.pt2 (two evals in one folder keep both)
+        slimmed["program"] = str(out.with_name(f"{out.stem}_model_slim.pt2" if cfg.get("output") else "model_slim.pt2"))
         save_program(model, slimmed["program"], example)
         log.info("eval: slim model (%d -> %d parameters) written to %s", *slimmed["parameters"], slimmed["program"])
     names = check_attack_names(cfg.attacks)

@@ -314,7 +314,8 @@ def slim_(model: nn.Module) -> dict[str, Any]:
 @torch.no_grad()
 def macs_per_image(model: nn.Module, example: Tensor) -> tuple[Tensor, int]:
     """``model(example)`` and the multiply-accumulates of its Conv2d and Linear layers per image (dense
-    count: zero weights are counted, as a dense runtime computes them)."""
+    count: zero weights are counted, as a dense runtime computes them). Module calls only: a functional
+    projection (the attention of a ViT) is not counted, so the figure is for convolutional networks."""
     total = 0
 
     def count(m: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> None:
