@@ -577,3 +577,126 @@ def test_seeds_that_differ_only_in_checkpointing_or_the_monitor_share_a_row(tmp_
     report = write_report([tmp_path / "s"], tmp_path / "out").read_text()
     assert _row(report, "frep ")["PGD-10"] == "30.0 ± 0.0 (n=3)"
     assert _row(report, "frep objective.lam=2")["PGD-10"] == "30.0"
+
+
+def _capture_figures(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """File name -> matplotlib Figure of every figure write_report saves (still saved as PNG)."""
+    import frep_lightning.report as report_module
+
+    figures: dict[str, object] = {}
+    save = report_module._save
+    monkeypatch.setattr(
+        report_module, "_save", lambda fig, path: figures.setdefault(path.name, fig) and save(fig, path)
+    )
+    return figures
+
+
+def test_a_custom_autoattack_from_frep_train_summary_never_stands_in_the_aa_column(tmp_path: Path) -> None:
+    """frep-train eval.attacks=[aa] eval.aa.version=custom writes ``aa_acc`` to summary.json: a subset of
+    AutoAttack, so it is "AA (custom)", never the AA column (as for frep-eval's eval.json)."""
+    write_run(tmp_path / "r", [], "frep", 0.9, summary={"clean_acc": 0.8, "pgd_acc": 0.5, "aa_acc": 0.47})
+    config = OmegaConf.load(tmp_path / "r" / "config.yaml")
+    config.eval.aa = {"version": "custom", "components": ["apgd-ce"]}
+    OmegaConf.save(config, tmp_path / "r" / "config.yaml")
+    (run,) = collect([tmp_path / "r"])[0]
+    assert "aa" not in run.accuracies() and run.accuracies()["aa_custom"] == 0.47
+    row = _row(write_report([tmp_path / "r"], tmp_path / "out").read_text(), "frep")
+    assert "AA" not in row and row["AA (custom)"] == "47.0"
+
+
+def test_train_time_of_a_resumed_run_counts_every_segment(tmp_path: Path) -> None:
+    """Table V's Train column: train_seconds_total (segments before a resume included), not the last
+    process's train_seconds."""
+    summary = {"clean_acc": 0.8, "pgd_acc": 0.5, "train_seconds": 600.0, "train_seconds_total": 4200.0}
+    write_run(tmp_path / "r", [], "frep", 0.9, summary=summary)
+    row = _row(write_report([tmp_path / "r"], tmp_path / "out").read_text(), "frep")
+    assert row["Train (min)"] == "70.0"
+
+
+def test_a_cell_never_averages_seeds_evaluated_on_different_test_image_counts(tmp_path: Path) -> None:
+    """Same eps, AA on 500 images for one seed and 10,000 for the other: two numbers with their counts."""
+    summary = {"clean_acc": 0.8, "pgd_acc": 0.5, "n_test": 10000, "eps": 8 / 255}
+    for seed, (aa, n) in enumerate(((0.60, 500), (0.44, 10000))):
+        evaluation = {"aa": aa, "n": n, "eps": 8 / 255}
+        write_run(tmp_path / str(seed), [f"seed={seed}"], "frep", 0.9, summary=summary, evaluation=evaluation)
+    row = _row(write_report([tmp_path], tmp_path / "out").read_text(), "frep")
+    assert row["AA"] == "60.0 [500 images]; 44.0 [10,000 images]"
+
+
+def test_an_extra_eval_file_never_replaces_eval_json_nor_brings_its_subset_worst_case(tmp_path: Path) -> None:
+    """eval_*.json adds only attacks the run lacks: eval.json's PGD-50 stands, and the subset file's
+    worst case (over its own attacks, on its own images) is not the run's Worst case."""
+    write_run(tmp_path / "a", [], "frep", 0.9, summary={"clean_acc": 0.8, "pgd_acc": 0.5},
+              evaluation={"clean": 0.8, "pgd50": 0.45, "n": 10000, "eps": 8 / 255})  # fmt: skip
+    extra = {"n": 500, "clean": 0.9, "pgd50": 0.30, "aa": 0.41, "worst_case": 0.01, "eps": 8 / 255}
+    (tmp_path / "a" / "eval_aa.json").write_text(json.dumps(extra))
+    write_run(tmp_path / "b", [], "ori", 0.9, summary={"clean_acc": 0.8, "pgd_acc": 0.5})  # no eval.json
+    (tmp_path / "b" / "eval_aa.json").write_text(json.dumps(extra))
+    runs = {r.method: r.accuracies() for r in collect([tmp_path])[0]}
+    assert runs["frep"] == {"clean": 0.8, "pgd10": 0.5, "pgd50": 0.45, "aa": 0.41}
+    assert runs["ori"] == {"clean": 0.8, "pgd10": 0.5, "pgd50": 0.30, "aa": 0.41}
+
+
+def test_fig8_draws_the_strongest_attack_and_the_mean_over_seeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every run has FGSM, PGD-50 and AA: Fig. 8 draws AA (not the weakest attack of a tie), one point per
+    row at the seeds' mean sparsity and mean accuracy."""
+    figures = _capture_figures(monkeypatch)
+    for seed, (aa, sparsity) in enumerate(((0.40, 0.90), (0.44, 0.92))):
+        evaluation = {"fgsm": 0.6, "pgd50": 0.5, "aa": aa, "sparsity": sparsity, "n": 1000, "eps": 8 / 255}
+        write_run(tmp_path / str(seed), [f"seed={seed}"], "frep", 0.9, summary={"clean_acc": 0.8},
+                  evaluation=evaluation)  # fmt: skip
+    write_report([tmp_path], tmp_path / "out")
+    (ax,) = figures["fig8_robust_vs_sparsity.png"].axes
+    (line,) = ax.lines
+    assert ax.get_ylabel() == "aa accuracy (%), ε 8/255"
+    assert [round(v, 6) for v in line.get_xdata()] == [91.0] and [round(v, 6) for v in line.get_ydata()] == [42.0]
+
+
+def test_fig7_histograms_the_nonzero_conv_and_linear_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """write_run's model.pt: a conv with 194 of 216 weights zero, a dense 10x8 fc, a BatchNorm weight (not a
+    prunable weight): 194 / 296 zeros, and the histogram is of the 102 nonzero weights only."""
+    from frep_lightning.report import weight_magnitudes
+
+    figures = _capture_figures(monkeypatch)
+    write_run(tmp_path / "r", [], "frep", 0.9, summary={"clean_acc": 0.8, "pgd_acc": 0.5}, model=True)
+    state = torch.load(tmp_path / "r" / "model.pt")
+    state["net.conv1.weight"].view(-1)[-1] = 1e-6  # tiny, not zero: a zero is exactly 0.0
+    torch.save(state, tmp_path / "r" / "model.pt")
+    mags, zeros = weight_magnitudes(tmp_path / "r" / "model.pt")
+    assert mags.numel() == 102 and bool((mags > 0).all()) and zeros == pytest.approx(194 / 296)
+    write_report([tmp_path / "r"], tmp_path / "out")
+    (ax,) = figures["fig7_weights_cifar10_resnet18_s0.9.png"].axes
+    assert ax.get_legend_handles_labels()[1] == ["frep (65.5% zeros)"]
+
+
+def test_fig5_draws_validation_and_live_pgd_and_the_ensemble_distance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """METRICS: val/pgd10 at epochs 0-2, train/pgd_subset at 0-1 (dashed), ensemble/delta at 0-2, in %."""
+    figures = _capture_figures(monkeypatch)
+    write_run(tmp_path / "r", [], "frep", 0.9, summary={"clean_acc": 0.8, "pgd_acc": 0.5}, metrics=METRICS)
+    write_report([tmp_path / "r"], tmp_path / "out")
+    ax_acc, ax_delta = figures["fig5_training_cifar10_resnet18_s0.9.png"].axes[:2]
+    curves = {
+        line.get_label(): (list(line.get_xdata()), [round(y, 6) for y in line.get_ydata()]) for line in ax_acc.lines
+    }
+    assert curves == {
+        "frep val/pgd10": ([0.0, 1.0, 2.0], [20.0, 30.0, 35.0]),
+        "frep live (train)": ([0.0, 1.0], [25.0, 33.0]),
+    }
+    (delta,) = ax_delta.lines
+    assert list(delta.get_ydata()) == [0.010, 0.020, 0.005]
+
+
+def test_eps_text() -> None:
+    from frep_lightning.report import eps_text
+
+    assert [eps_text(e) for e in (8 / 255, 2 / 255, 0.5 / 255, 0.031, None)] == [
+        "8/255",
+        "2/255",
+        "0.5/255",
+        "0.031",
+        "?",
+    ]

@@ -82,6 +82,83 @@ def test_table_sweep_grid_size_and_jobs_compose(table: str) -> None:
             assert job_cfg.pruning.sparsity == float(given["pruning.sparsity"])
 
 
+RESNET18_C10 = {"model": "resnet18", "data": "cifar10"}
+# experiment -> (swept values, fixed settings): what the paper's table reports (Sec. IV; the rows of methods not
+# implemented here, Tiny-ImageNet and Table V's natural training aside)
+PAPER: dict[str, tuple[dict[str, set[str]], dict[str, object]]] = {
+    "table1": (
+        {
+            "data": {"cifar10", "svhn"},
+            "model": {"vgg16_bn", "resnet18", "wrn28_10"},
+            "method": {"dense_at", "lwm", "frep"},
+        },
+        {"pruning.sparsity": 0.9, "eval.attacks": ["clean", "fgsm", "pgd50", "mim50", "square", "aa"]},
+    ),
+    "table2": (
+        {"model": {"vgg16_bn", "resnet18", "resnet34", "resnet50", "wrn28_10"}, "method": {"lwm", "frep"}},
+        {"data": "cifar10", "pruning.sparsity": 0.99, "eval.attacks": ["clean", "pgd50", "aa"]},
+    ),
+    "table3": (
+        {"data": {"cifar10", "cifar100"}, "model": {"vgg16_bn", "resnet18"}, "method": {"lwm", "frep_ch"}},
+        {"pruning.sparsity": 0.7, "pruning.mode": "structured"},
+    ),
+    "table4": (
+        {
+            "data": {"cifar10", "cifar100"},
+            "++pruning.sparsity": {"0.7", "0.9", "0.99"},
+            "method": {"ori", "frep_ch", "frep"},
+        },
+        {"model": "resnet18", "pruning.mode": "unstructured"},
+    ),
+    "table4_structured": (
+        {
+            "data": {"cifar10", "cifar100"},
+            "++pruning.sparsity": {"0.5", "0.6", "0.7"},
+            "method": {"ori", "frep_ch", "frep"},
+        },
+        {"model": "resnet18", "pruning.mode": "structured"},
+    ),
+    "table5": (
+        {"method": {"frep", "frep_ch", "lwm", "dense_at"}, "fast.enabled": {"false", "true"}},
+        {**RESNET18_C10, "data.batch_size": 128},
+    ),
+    "table6": (
+        {
+            "++pruning.sparsity": {"0.5", "0.7", "0.9", "0.95", "0.99"},
+            "method": {"ori", "sparse_init", "frep_ch", "frep"},
+        },
+        {**RESNET18_C10, "pruning.mode": "unstructured"},
+    ),
+    "table7": (
+        {
+            "data": {"cifar10", "cifar100"},
+            "ensemble": {"temporal", "none"},
+            "objective": {"sre", "fgsm", "pgd", "trades", "mart"},
+        },
+        {"model": "resnet18", "pruning.sparsity": 0.9, "method.name": "frep"},
+    ),
+    "table8": (
+        {"++pruning.sparsity": {"0.0", "0.9", "0.99"}, "reparam.init": {"equal", "ones", "random"}},
+        {**RESNET18_C10, "method.name": "frep"},
+    ),
+}
+
+
+@pytest.mark.parametrize("table", sorted(PAPER))
+def test_table_sweeps_use_the_papers_settings(table: str) -> None:
+    """The values each table sweeps and the settings it fixes are the paper's (a 0.95 in place of 0.99, or
+    CIFAR-100 in place of SVHN, keeps the grid's size and composes: only the values can tell)."""
+    swept, fixed = PAPER[table]
+    cfg = cfg_for(f"experiment={table}", hydra=True)
+    params = {k: set(str(v).split(",")) for k, v in OmegaConf.to_container(cfg.hydra.sweeper.params).items()}
+    assert params == swept
+    names = {"model": "model.name", "data": "data.name"}
+    got = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v := OmegaConf.select(cfg, names.get(k, k))) else v
+           for k in fixed}  # fmt: skip
+    assert got == fixed
+    assert cfg.eval.eps == "8/255" and cfg.data.batch_size == 128 and cfg.pruning.epoch == 30
+
+
 def test_table5_times_the_plain_and_the_fast_path() -> None:
     """Table V's sweep: each method once on the plain path (fp32, the paper's setting) and once on the fast
     path in bf16 + channels-last; the fast half's module is FastFReP with those options."""
@@ -265,6 +342,8 @@ def test_pin_device_refuses_after_cuda_init(tmp_path: Path, fresh_pin: None, mon
 def test_pin_device_is_a_no_op_without_gpus(tmp_path: Path, fresh_pin: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert sweep.PinDevice(lock_dir=str(tmp_path)).pin() is None and sweep._HELD is None
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")  # the other way of hiding every GPU
+    assert sweep.visible_gpus() == [] and sweep.PinDevice(lock_dir=str(tmp_path)).pin() is None
 
 
 APP = """
@@ -337,7 +416,8 @@ def test_wandb_mode_never_prompts_nor_hangs(monkeypatch: pytest.MonkeyPatch, cap
     import socket
     import time
 
-    for key in ("WANDB_MODE", "WANDB_API_KEY", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+    for key in ("WANDB_MODE", "WANDB_API_KEY", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                "all_proxy"):  # fmt: skip
         monkeypatch.delenv(key, raising=False)
     for key in ("NO_PROXY", "no_proxy", "REQUEST_METHOD"):
         monkeypatch.delenv(key, raising=False)
@@ -374,6 +454,13 @@ def test_wandb_mode_never_prompts_nor_hangs(monkeypatch: pytest.MonkeyPatch, cap
     assert sweep._wandb_endpoint() == ("wandb.internal", 8080)  # an http server: HTTPS_PROXY is not its proxy
     monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:8000")
     assert sweep._wandb_endpoint() == ("proxy.example", 8000)
+    monkeypatch.setenv("HTTP_PROXY", "proxy.example")  # no port: the default port of the proxy URL's scheme
+    assert sweep._wandb_endpoint() == ("proxy.example", 80)
+    monkeypatch.setenv("HTTP_PROXY", "https://proxy.example")
+    assert sweep._wandb_endpoint() == ("proxy.example", 443)
+    monkeypatch.delenv("HTTP_PROXY")
+    monkeypatch.setenv("ALL_PROXY", "http://catchall.example:9000")  # requests' fallback for any scheme
+    assert sweep._wandb_endpoint() == ("catchall.example", 9000)
     monkeypatch.setenv("WANDB_MODE", "disabled")
     assert sweep.wandb_mode() == "disabled"
 

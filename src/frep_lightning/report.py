@@ -262,12 +262,12 @@ class Run:
             if isinstance(self.summary.get("pgd_acc"), (int, float)):
                 acc[f"pgd{int(self.summary.get('pgd_steps') or 10)}"] = float(self.summary["pgd_acc"])
             acc.update(_attack_numbers(self.summary))
-            if "aa" in acc and _select(self.config, "eval.aa.version") == "custom":
-                acc["aa_custom"] = acc.pop("aa")
             for key, value in self.summary.items():  # frep-train's eval.attacks: <name>_acc
                 name = key[: -len("_acc")]
                 if key.endswith("_acc") and name not in ("clean", "pgd") and isinstance(value, (int, float)):
                     acc[name] = float(value)
+            if "aa" in acc and _select(self.config, "eval.aa.version") == "custom":  # after aa_acc, frep-train's key
+                acc["aa_custom"] = acc.pop("aa")
             out.update(
                 {name: Number(value, n, "summary.json", eps) for name, value in acc.items()
                  if _counts(self.summary, name) and (name != "square" or self.summary_square_standard())}

@@ -306,17 +306,18 @@ def wandb_key_present() -> bool:
 
 def _wandb_endpoint() -> tuple[str, int]:
     """Where the W&B client (``requests``) connects first: the proxy of the server URL's scheme
-    (``HTTPS_PROXY``/``HTTP_PROXY``), unless ``NO_PROXY`` lists the server; else the server."""
+    (``HTTPS_PROXY``/``HTTP_PROXY``, else ``ALL_PROXY`` as ``requests`` falls back to it), unless
+    ``NO_PROXY`` lists the server; else the server."""
     import urllib.request
     from urllib.parse import urlsplit
 
     url = _wandb_url()
     host = url.hostname or ""
     proxies = urllib.request.getproxies_environment()
-    proxy = proxies.get(url.scheme)
+    proxy = proxies.get(url.scheme) or proxies.get("all")
     if proxy and not urllib.request.proxy_bypass_environment(host, proxies):
         purl = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-        return purl.hostname or "", purl.port or 80
+        return purl.hostname or "", purl.port or (443 if purl.scheme == "https" else 80)  # urllib3's defaults
     return host, url.port or (443 if url.scheme == "https" else 80)
 
 
