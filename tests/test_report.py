@@ -566,6 +566,21 @@ def test_a_sweep_job_resumed_in_place_is_still_its_job(tmp_path: Path) -> None:
     assert "not started)" not in report and "40.0 ± 0.0 (n=2)" in _row(report, "frep")["PGD-10"]
 
 
+def test_a_job_that_failed_once_and_finished_in_another_directory_is_not_missing(tmp_path: Path) -> None:
+    """A failed job rerun into a new directory of the same sweep (``hydra.run.dir``): the finished run counts,
+    whichever directory sorts last."""
+    sweep = tmp_path / "sw"
+    sweep.mkdir()
+    params = {"hydra": {"sweeper": {"params": {"seed": "0"}}, "overrides": {"task": ["method=frep"]}}}
+    OmegaConf.save(OmegaConf.create(params), sweep / "multirun.yaml")
+    write_run(sweep / "0", ["method=frep", "seed=0"], "frep", 0.9, {"clean_acc": 0.8, "pgd_acc": 0.4})
+    write_run(sweep / "0_failed_rerun", ["method=frep", "seed=0"], "frep", 0.9)  # sorts after, no summary.json
+    (only,) = collect([sweep])[1]
+    assert only.missing() == []
+    report = write_report([sweep], tmp_path / "out").read_text()
+    assert "failed or still running" not in report
+
+
 def test_seeds_that_differ_only_in_checkpointing_or_the_monitor_share_a_row(tmp_path: Path) -> None:
     """Preemptible seeds (checkpoint.every_n_train_steps) and a seed without the overfitting watch train the
     same network: they are seeds of one row, not rows of their own; another lambda still is a row."""

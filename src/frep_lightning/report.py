@@ -416,7 +416,11 @@ class Sweep:
 
     def missing(self) -> list[tuple[list[str], str]]:
         """(overrides, reason) for every expected job without a finished run."""
-        by_overrides = {job_key(r.overrides): r for r in self.runs}
+        by_overrides: dict[Any, Run] = {}
+        for r in self.runs:  # a job run twice (failed, then rerun elsewhere in the sweep): the finished one counts
+            known = by_overrides.get(job_key(r.overrides))
+            if known is None or (r.done and not known.done):
+                by_overrides[job_key(r.overrides)] = r
         out = []
         for job in self.expected:
             run = by_overrides.get(job_key(job))
