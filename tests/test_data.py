@@ -121,32 +121,45 @@ def test_unreadable_or_missing_pack(tmp_path: Path) -> None:
         load_pack(missing, tmp_path / "cache")
 
 
-def test_pack_without_known_sha_still_loads(tmp_path: Path) -> None:
-    """A small hand-made pack in the documented format decodes to the pixels written."""
+def _toy_pack(path: Path, labels: list[int], classes: list[str]) -> None:
+    """A pack file in the documented format; image i is filled with 40 * i (PNG: lossless, pixels exact)."""
     from io import BytesIO
 
     from PIL import Image
 
-    blobs, labels = [], []
-    for i in range(6):
-        img = np.full((32, 32, 3), 40 * i, dtype=np.uint8)
+    blobs = []
+    for i in range(len(labels)):
         buf = BytesIO()
-        Image.fromarray(img).save(buf, format="PNG")  # lossless, so pixels are exact
+        Image.fromarray(np.full((32, 32, 3), 40 * i, dtype=np.uint8)).save(buf, format="PNG")
         blobs.append(np.frombuffer(buf.getvalue(), dtype=np.uint8))
-        labels.append(i % 2)
     offsets = np.concatenate([[0], np.cumsum([len(b) for b in blobs])]).astype(np.int64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, jpeg=np.concatenate(blobs), offsets=offsets, labels=np.array(labels), classes=np.array(classes))
+
+
+def test_pack_without_known_sha_still_loads(tmp_path: Path) -> None:
+    """A small hand-made pack in the documented format decodes to the pixels written."""
     path = tmp_path / "toy" / "train.npz"
-    path.parent.mkdir()
-    np.savez(
-        path,
-        jpeg=np.concatenate(blobs),
-        offsets=offsets,
-        labels=np.array(labels),
-        classes=np.array(["a", "b"]),
-    )
+    _toy_pack(path, [i % 2 for i in range(6)], ["a", "b"])
     x, y, classes = load_pack(path, tmp_path / "cache")
     assert x.shape == (6, 3, 32, 32) and classes == ["a", "b"] and y.tolist() == [0, 1, 0, 1, 0, 1]
     assert x[:, :, 0, 0].tolist() == [[40 * i] * 3 for i in range(6)]
+
+
+def test_damaged_cache_entry_is_decoded_again_and_the_cache_stays_readable(tmp_path: Path) -> None:
+    """A truncated .npy (a full disk, a copy cut short) costs a decode, not a crash; entries are 0644
+    (mkstemp makes 0600, which would lock other users out of a shared cache)."""
+    path = tmp_path / "toy" / "train.npz"
+    _toy_pack(path, [0, 1, 0, 1], ["a", "b"])
+    cache = tmp_path / "cache"
+    x, y, _ = load_pack(path, cache)
+    files = sorted(cache.iterdir())
+    assert len(files) == 3 and all(f.stat().st_mode & 0o777 == 0o644 for f in files)
+    (entry,) = cache.glob("*.images.npy")
+    entry.write_bytes(entry.read_bytes()[:200])
+    x2, y2, _ = load_pack(path, cache)
+    assert torch.equal(x2, x) and torch.equal(y2, y)
+    assert torch.equal(load_pack(path, cache)[0], x)  # and the entry was rewritten whole
 
 
 # ---- augmentation -------------------------------------------------------------------------------
@@ -232,6 +245,7 @@ def test_to_float() -> None:
     f = to_float(x)
     assert f.dtype == torch.float32 and torch.allclose(f, torch.tensor([[0.0, 128 / 255, 1.0]]))
     assert x.tolist() == [[0, 128, 255]]  # input untouched
+    assert torch.equal(to_float(f.double()), f)  # floats are taken to be in [0, 1] already: only cast
 
 
 # ---- balanced subsets ---------------------------------------------------------------------------
@@ -262,6 +276,8 @@ def test_balanced_indices_top_up_a_short_class() -> None:
         ({"format": "zip"}, r"data\.format='zip' is not valid; allowed: auto, pack, torchvision"),
         ({"batch_size": 0}, r"data\.batch_size must be an integer > 0"),
         ({"batch_size": 2.5}, r"data\.batch_size"),
+        ({"batch_size": None}, r"data\.batch_size must be an integer > 0, got None"),  # only the n_* take null
+        ({"eval_batch_size": True}, r"data\.eval_batch_size must be an integer > 0, got True"),
         ({"eval_batch_size": -4}, r"data\.eval_batch_size"),
         ({"n_train": -1}, r"data\.n_train must be an integer > 0 or null"),
         ({"n_val": 0}, r"data\.n_val"),
@@ -427,12 +443,48 @@ def test_torchvision_failures_name_the_config_keys(tmp_path: Path, monkeypatch: 
         dm.prepare_data()
 
 
-def test_a_small_set_under_ddp_still_gives_each_rank_a_batch(pack_root: Path) -> None:
+def test_svhn_pack_labels_outside_its_classes_are_refused(tmp_path: Path) -> None:
+    """SVHN's own files label the digit 0 as 10 (torchvision maps it to 0): a pack that kept it would fail
+    only inside the loss (an index error on CPU, a device-side assert on CUDA) after setup."""
+    for split in ("train", "test"):
+        _toy_pack(tmp_path / "svhn" / f"{split}.npz", [1, 10, 3, 10], [str(d) for d in range(10)])
+    dm = ImageClassificationData(name="svhn", root=str(tmp_path), cache_dir=str(tmp_path / "cache"), n_val=None)
+    with pytest.raises(ValueError, match=r"svhn train: labels must be in \[0, 9\], found 1\.\.10"):
+        dm.setup("fit")
+
+
+def test_svhn_torchvision_files_must_all_be_there(tmp_path: Path) -> None:
+    (tmp_path / "train_32x32.mat").write_bytes(b"")
+    dm = ImageClassificationData(name="svhn", root=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="test_32x32.mat"):
+        dm.check_available()
+
+
+@pytest.mark.parametrize("on_device", [False, True])
+def test_svhn_training_batches_are_cropped_but_never_mirrored(on_device: bool) -> None:
+    """Digits are not mirror-symmetric: no flip for SVHN, on either training path (CIFAR-10 flips: the
+    check below sees mirrors)."""
+    columns = (10 + 20 * torch.arange(8)).to(torch.uint8)  # every row rises left to right, no zero pixel
+    images, labels = columns.expand(64, 3, 8, 8).contiguous(), torch.arange(64) % 10
+    mirrored = {}
+    for name in ("svhn", "cifar10"):
+        dm = ImageClassificationData(name=name, batch_size=16, on_device=on_device)
+        dm._train = (images, labels)  # what setup() would load
+        x = torch.cat([x for x, _ in dm.train_dataloader()])[:, 0]
+        real = (x[..., 1:] > 0) & (x[..., :-1] > 0)  # neighbours both inside the image (not zero padding)
+        assert bool(real.any()) and not torch.equal(x, to_float(images[:, 0]))  # cropped
+        mirrored[name] = int(((x.diff(dim=-1) < 0) & real).flatten(1).any(1).sum())
+    assert mirrored["svhn"] == 0 and 10 < mirrored["cifar10"] < 54, mirrored
+
+
+def test_a_small_set_under_ddp_still_gives_each_rank_a_batch(pack_root: Path, cache_dir: Path) -> None:
     """24 images, batches of 16, 2 ranks: 12 per rank, so the incomplete batch is kept (not 0 batches)."""
     from types import SimpleNamespace
 
     for loader_on_device in (False, True):
-        dm = ImageClassificationData(root=str(pack_root), n_train=24, batch_size=16, on_device=loader_on_device)
+        dm = ImageClassificationData(
+            root=str(pack_root), n_train=24, batch_size=16, on_device=loader_on_device, cache_dir=str(cache_dir)
+        )
         progress = SimpleNamespace(
             epoch_progress=SimpleNamespace(current=SimpleNamespace(processed=0)),
             epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=SimpleNamespace(ready=0))),

@@ -370,6 +370,23 @@ def test_shuffle_is_per_epoch_and_split_across_ranks() -> None:
     assert [i for i, _ in s0] == e0[4:]
 
 
+def test_cpu_loader_state_saved_after_an_epochs_last_batch_resumes_at_the_next_epoch() -> None:
+    """A save at an epoch's last batch (a plain ModelCheckpoint(every_n_train_steps=...) makes one) holds
+    batches == batches per epoch, while the trainer's epoch counter still shows that epoch when the
+    iterator is made: the resumed loader starts the next epoch, from its first batch."""
+    dm = synthetic_datamodule()  # 12 images, batches of 4: 3 per epoch
+    loader = dm.train_dataloader()
+    loader.load_state_dict({"epoch": 1, "batches": 3, **loader.position_key()})
+    loader.epoch = lambda: 1  # what Lightning's counter shows at this point
+    resumed = list(loader)
+    reference = dm.train_dataloader()
+    reference.sampler.set_epoch(2)
+    expected = list(reference)
+    assert len(resumed) == len(expected) == 3
+    for (x1, y1), (x2, y2) in zip(resumed, expected, strict=True):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
 def test_partial_writes_of_a_killed_save_are_cleaned_up(tmp_path: Path) -> None:
     """A kill mid-write leaves a checkpoint-sized temp file: a resume into the same directory deletes it,
     a resume into a new one names the files beside the resumed checkpoint (that run may still be writing)."""

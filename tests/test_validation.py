@@ -91,6 +91,7 @@ BAD = [
     ("optim.lr", 0.0, "must be a number > 0"),
     ("optim.momentum", 1.0, "must be in [0, 1)"),
     ("optim.milestones", [5, 3], "strictly increasing"),
+    ("optim.milestones", [4, 4], "strictly increasing"),  # MultiStepLR would drop the LR twice at epoch 4
     ("optim.gamma", 0.0, "must be in (0, 1]"),
     ("seed", -1, "must be an integer >= 0"),
     ("val_attack_steps", -1, "must be an integer >= 0"),
@@ -101,6 +102,29 @@ BAD = [
     ("ckpt_path", "/no/such/last.ckpt", "must be an existing checkpoint file"),
     ("monitor.collapse_ratio", 1.5, "must be in (0, 1)"),
     ("pruning.remove_channels", "yes", "must be true or false"),
+    # the bounds of the keys above that had no case (an off-by-one there passes a sweep's check)
+    ("data.eval_batch_size", 0, "must be an integer > 0"),
+    ("data.n_val", 0, "must be an integer > 0 or null"),
+    ("data.num_workers", -1, "must be an integer >= 0"),
+    ("data.augment", 1, "must be true or false"),
+    ("data.seed", -1, "must be an integer >= 0"),
+    ("data.root", "", "must be a non-empty path or null"),
+    ("data.cache_dir", "", "must be a non-empty path or null"),
+    ("data.on_device", "maybe", "must be true, false or null"),
+    ("model.width", 0, "must be an integer > 0 or null"),
+    ("method.objective.lam", -0.5, "must be a number >= 0"),
+    ("optim.weight_decay", -1e-4, "must be a number >= 0"),
+    ("optim.nesterov", "no", "must be true or false"),
+    ("ensemble.interval_factor", 0, "must be an integer >= 1"),
+    ("ensemble.lr_drop_ratio", 0.0, "must be in (0, 1)"),
+    ("ensemble.lr_drop_ratio", 1.0, "must be in (0, 1)"),
+    ("ensemble.bn_batches", 0, "must be an integer > 0"),
+    ("eval.n_test", 0, "must be an integer > 0 or null"),  # data.n_test copies it: reported once
+    ("eval.pgd_steps", 0, "must be an integer > 0"),
+    ("eval.batch_size", 0, "must be an integer > 0"),
+    ("monitor.n_images", 0, "must be an integer > 0"),
+    ("monitor.steps", 0, "must be an integer > 0"),
+    ("monitor.min_best", 1.5, "must be in [0, 1]"),
 ]
 
 
@@ -113,6 +137,48 @@ def test_rule_rejects_bad_value(base: DictConfig, key: str, value: Any, fragment
     assert f"{key}={value!r} " in message
     assert fragment in message
     assert "invalid config (1 problem)" in message  # only the key that is wrong
+
+
+# the keys whose null means something (conf/ documents each: "null: all", "null: auto"...)
+NULLABLE = {
+    "ckpt_path", "checkpoint.every_n_train_steps", "data.n_train", "data.n_val", "data.n_test", "data.root",
+    "data.cache_dir", "data.on_device", "model.width", "method.attack.step_size", "eval.n_test", "monitor.precision",
+}  # fmt: skip
+
+
+def test_null_is_accepted_exactly_where_it_means_something(base: DictConfig) -> None:
+    """``key=null`` passes the keys of :data:`NULLABLE` (``data.n_val=null``: validate on the whole test split);
+    on any other key it is named now, not met later as a TypeError inside a constructor or a training step."""
+    for rule in RULES:
+        if OmegaConf.select(base, rule.key, default="<absent>") == "<absent>":
+            continue
+        named = [e for e in check_rules(with_value(base, rule.key, None)) if e.startswith(f"{rule.key}=None ")]
+        assert bool(named) == (rule.key not in NULLABLE), (rule.key, named)
+
+
+GOOD = [
+    # values on the closed end of a range (an off-by-one there fails a valid run)
+    ("seed", 0),
+    ("data.num_workers", 0),
+    ("val_attack_steps", 0),
+    ("pruning.sparsity", 0.0),
+    ("pruning.epoch", 0),
+    ("pruning.epoch", 5),  # trainer.max_epochs=6
+    ("optim.momentum", 0.0),
+    ("optim.weight_decay", 0.0),
+    ("optim.gamma", 1.0),
+    ("method.objective.lam", 0.0),
+    ("method.attack.eps", 1.0),
+    ("method.attack.eps", "16/255"),
+    ("monitor.min_best", 0.0),
+    ("monitor.min_best", 1.0),
+    ("ensemble.interval_factor", 1),
+]
+
+
+@pytest.mark.parametrize(("key", "value"), GOOD, ids=[f"{k}={v}" for k, v in GOOD])
+def test_rule_accepts_the_ends_of_its_range(base: DictConfig, key: str, value: Any) -> None:
+    assert check_rules(with_value(base, key, value)) == []
 
 
 def test_bad_eval_attack_is_reported_with_the_other_problems(base: DictConfig) -> None:
@@ -175,19 +241,21 @@ def test_unknown_key_of_a_constructor_is_rejected(base: DictConfig) -> None:
         validate_train_config(with_value(base, "ensemble.tauu", 0.5))
     with pytest.raises(ConfigError, match=r"trainer\.max_epoch is not a parameter of lightning\.pytorch\.Trainer"):
         validate_train_config(with_value(base, "trainer.max_epoch", 5))
+    with pytest.raises(ConfigError, match=r"data\.n_tarin is not a parameter of frep_lightning\.data\.ImageClass"):
+        validate_train_config(with_value(base, "data.n_tarin", 100))
 
 
 def test_unknown_key_of_a_plain_node_or_the_top_level_is_rejected() -> None:
     """Keys our own code reads (checkpoint, optim, fast, monitor, eval, top level): a + typo used to be
     ignored (the run trained without the option) or end in a bare TypeError after setup."""
     overrides = ["+checkpoint.every_n_steps=2", "+fast.enable=true", "+eval.n_tst=5", "++foo=1",
-                 "+optim.lrr=0.1", "+monitor.foo=1", "+run_dir=/tmp/x"]  # fmt: skip
+                 "+optim.lrr=0.1", "+monitor.foo=1", "+reparam.inti=ones", "+run_dir=/tmp/x"]  # fmt: skip
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides)
     with pytest.raises(ConfigError) as info:
         validate_train_config(cfg)
     message = str(info.value)
-    assert "(6 problems)" in message and "run_dir" not in message.split("allowed")[0]
+    assert "(7 problems)" in message and "run_dir" not in message.split("allowed")[0]
     for fragment in (
         "checkpoint.every_n_steps is not a key of checkpoint; allowed keys: background, every_n_train_steps",
         "fast.enable is not a key of fast; allowed keys: cache_weights,",
@@ -195,6 +263,7 @@ def test_unknown_key_of_a_plain_node_or_the_top_level_is_rejected() -> None:
         "foo is not a config key of train; allowed top-level keys: checkpoint, ckpt_path, data,",
         "optim.lrr is not a key of optim; allowed keys: gamma, lr, milestones",
         "monitor.foo is not a key of monitor",
+        "reparam.inti is not a key of reparam; allowed keys: init",
     ):
         assert fragment in message, fragment
 

@@ -141,6 +141,10 @@ def _is_bool(v: Any, _: DictConfig) -> bool:
     return isinstance(v, bool)
 
 
+def _path(v: Any, _: DictConfig) -> bool:
+    return isinstance(v, str) and bool(v)
+
+
 def _str_list(v: Any, _: DictConfig) -> bool:
     return isinstance(v, (list, tuple)) and all(isinstance(s, str) for s in v)
 
@@ -224,6 +228,12 @@ RULES: list[Rule] = [
     _rule("data.n_val", _int_at_least(1), _POS_INT + " or null (null: all)", nullable=True),
     _rule("data.n_test", _int_at_least(1), _POS_INT + " or null (null: all)", nullable=True),
     _rule("data.num_workers", _int_at_least(0), _NONNEG_INT),
+    _rule("data.seed", _int_at_least(0), _NONNEG_INT),
+    _rule("data.root", _path, "must be a non-empty path or null (null: $FREP_DATA_DIR or ../shared/data)",
+          nullable=True),
+    _rule("data.cache_dir", _path,
+          "must be a non-empty path or null (null: $FREP_CACHE_DIR or ~/.cache/frep_lightning)", nullable=True),
+    _rule("data.on_device", _is_bool, "must be true, false or null (null: on with a CUDA trainer)", nullable=True),
     # model
     _rule("model.name", _model_name, _model_names_text, required=True),
     _rule("model.width", _int_at_least(1), _POS_INT + " or null (null: the published width)", nullable=True),
@@ -313,28 +323,26 @@ def _copied_from(cfg: DictConfig, key: str) -> str | None:
 
 
 def check_rules(cfg: DictConfig, rules: Sequence[Rule] = RULES) -> list[str]:
-    """One message per violated rule; a key that only copies an already rejected key (``${...}``)
-    is not reported again."""
-    errors = []
-    rejected: set[str] = set()
+    """One message per violated rule; a key that only copies a rejected key (``${...}``), wherever
+    its rule stands in the table, is not reported again."""
+    errors: list[tuple[str, str]] = []
     for rule in rules:
         if rule.group is not None and not _group_on(cfg, rule.group):
-            continue
-        if _copied_from(cfg, rule.key) in rejected:
             continue
         value = _value(cfg, rule.key)
         if value is _ABSENT:
             if rule.required:
                 text = rule.text(cfg)
                 text = text.removeprefix("is not valid; ") if text.startswith("is not valid; ") else f"it {text}"
-                errors.append(f"{rule.key} is missing; {text}")
+                errors.append((rule.key, f"{rule.key} is missing; {text}"))
             continue
         if value is None and rule.nullable:
             continue
         if not rule.check(value, cfg):
-            errors.append(f"{rule.key}={value!r} {rule.text(cfg)}")
-            rejected.add(rule.key)
-    return errors
+            errors.append((rule.key, f"{rule.key}={value!r} {rule.text(cfg)}"))
+    # after the loop: the copy's rule may come before its source's (data.n_test: ${eval.n_test})
+    rejected = {key for key, _ in errors}
+    return [message for key, message in errors if _copied_from(cfg, key) not in rejected]
 
 
 def _target_parameters(target: str) -> tuple[list[str], bool]:

@@ -260,6 +260,14 @@ class ImageClassificationData(pl.LightningDataModule):
             raise ValueError(
                 f"{self.name} {split}: expected uint8 N×3×H×W images, got {images.dtype} {tuple(images.shape)}"
             )
+        if labels.shape != (len(images),):
+            raise ValueError(f"{self.name} {split}: {tuple(labels.shape)} labels for {len(images)} images")
+        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes:
+            # e.g. SVHN's own files label the digit 0 as 10 (torchvision maps it to 0; a pack must too)
+            raise ValueError(
+                f"{self.name} {split}: labels must be in [0, {self.num_classes - 1}], found "
+                f"{int(labels.min())}..{int(labels.max())} (data.name={self.name} has {self.num_classes} classes)"
+            )
         self._classes = classes
         return images, labels
 

@@ -13,7 +13,8 @@ the order of epoch ``e`` is the same permutation seeded by ``(seed, e)`` (split 
 ``(seed, e, rank, b)``. The generator lives on the data's device: on CPU tensors the batches are
 exactly the CPU loader's; on a GPU the crops and flips are drawn by the GPU's generator (same
 distribution, other numbers). The loader's state (``epoch``, batches trained) has the CPU
-loader's format, so a checkpoint resumes mid-epoch on either path.
+loader's format, so a checkpoint saved at an epoch end resumes on either path; one saved mid-epoch
+resumes on the path that saved it (switching is refused, naming ``data.on_device``).
 """
 
 from __future__ import annotations
