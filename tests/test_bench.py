@@ -68,6 +68,53 @@ def test_reduced_bench_measures_every_planned_row(bench: ModuleType, tmp_path: P
     assert ratios["eager PGD-10 / fast FReP (pl-fast-bf16)"] > 0
 
 
+def test_targets_divide_the_slower_step_by_the_faster(bench: ModuleType) -> None:
+    """The targets table from known step times: FReP/natural and PGD-10/FReP are "x times as slow", eager/fast
+    a speed-up, and the Lightning fast path a user would pick is the fastest pl-fast row that ran."""
+    args = bench.parse_args(["--reduced", "--device", "cpu"])
+    result = bench.Bench(device=torch.device("cpu"), args=args)
+    model, bs = args.models[0], args.batch_sizes[0]
+    times = {
+        ("frep", "eager"): 40.0,
+        ("frep", "fast-bf16"): 8.0,
+        ("frep", "pl-fast-bf16"): 10.0,
+        ("frep", "pl-fast-bf16-s2"): 9.0,
+        ("frep", "pl-fast-bf16-cm"): None,  # failed
+        ("natural", "fast-bf16"): 2.0,
+        ("natural", "fast-fp32"): 3.0,
+        ("pgd10", "eager"): 99.0,
+    }
+    result.rows = [bench.Row(model, bs, method, mode, ms=ms) for (method, mode), ms in times.items()]
+    result.rows.append(bench.Row("vgg16_bn", bs, "frep", "pl-fast-bf16", ms=1.0))  # another model: not a target
+    values = [value for _, value, _ in result.ratios()]
+    assert values == pytest.approx([9.0, 8.0 / 2.0, 99.0 / 9.0, 40.0 / 9.0])
+    assert "pl-fast-bf16-s2" in result.ratios()[0][0]
+    assert "| 11.00 | >= 10 |" in result.markdown()
+
+
+def test_step_times_are_milliseconds_per_timed_step(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """time_loop and the Lightning StepTimer on a clock that only the steps advance (5 ms and 4 ms a step)."""
+    clock = [100.0]
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
+    calls: list[int] = []
+
+    def step(i: int) -> None:
+        calls.append(i)
+        clock[0] += 0.005
+
+    assert bench.time_loop(step, torch.device("cpu"), warmup=2, steps=4, max_seconds=10.0) == (
+        pytest.approx(5.0),
+        4,
+    )
+    assert calls == list(range(2 + 2 + 4))  # warm-up, the estimate's 2 steps, then the timed ones
+    timer = bench.StepTimer(first=2, last=5, cuda=False)
+    for i in range(8):
+        timer.on_train_batch_start(None, None, None, i)
+        clock[0] += 0.004
+        timer.on_train_batch_end(None, None, None, None, i)
+    assert timer.ms_per_step() == pytest.approx(4.0)
+
+
 PHASES = ("data", "train", "validation", "monitor", "pruning", "ensemble", "checkpoint", "export", "final eval")
 
 

@@ -160,6 +160,8 @@ def test_ddp_masks_and_ensemble_identical_across_ranks(pack_root: Path, cache_di
     assert argv0[0] == "-m"  # rank 0: the sweep as typed
     assert "-m" not in argv1 and f'hydra.run.dir="{jobs[0]}"' in argv1  # rank 1: that job only, in its dir
     assert argv1[-1] == "hydra.job.name=train_ddp_process_1" and "pruning.sparsity=0.8" in argv1
+    # the job's .hydra/ is rank 0's: rank 1 (started later, in the same directory) wrote none over it
+    assert "train_ddp_process" not in (jobs[0] / ".hydra" / "hydra.yaml").read_text()
     summary = json.loads((jobs[0] / "summary.json").read_text())
     assert summary["sparsity"] == pytest.approx(0.8, abs=1e-3) and summary["epochs"] == 2
 

@@ -40,6 +40,60 @@ def test_every_experiment_composes_validates_and_builds(experiment: str, tmp_pat
     assert any(type(cb).__name__ == "RobustPruning" for cb in callbacks)
 
 
+@pytest.mark.parametrize("source", ["paper experiment", "FReP defaults"])
+def test_the_papers_optimizer_and_lr_schedule(source: str) -> None:
+    """Sec. IV-A: SGD (momentum 0.9, weight decay 2e-4 on every parameter, W1 and W2 included), lr 0.1 divided
+    by 10 at the 70th and 85th of 100 epochs, batch size 128, pruning at epoch 30, eps 8/255. The module's own
+    defaults (experiments/bench.py builds it without a config) are the same recipe."""
+    from frep_lightning import FReP
+
+    if source == "paper experiment":
+        cfg = cfg_for("experiment=paper_resnet18_c10", "model.width=4")
+        validate_train_config(cfg)
+        assert (cfg.trainer.max_epochs, cfg.data.batch_size, cfg.pruning.epoch) == (100, 128, 30)
+        assert cfg.method.attack.eps == "8/255" and cfg.eval.eps == "8/255"
+        module = build_module(cfg)
+    else:
+        module = FReP(build_model("resnet18", width=4), val_attack_steps=0)
+    config = module.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert type(optimizer) is torch.optim.SGD and config["lr_scheduler"]["interval"] == "epoch"
+    (group,) = optimizer.param_groups
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.1, 0.9, 2e-4)
+    assert not group["nesterov"] and group["dampening"] == 0
+    names = {id(p): n for n, p in module.named_parameters()}
+    decayed = {names[id(p)] for p in group["params"]}
+    assert decayed == set(names.values())  # every parameter: both factors, BN, the classifier
+    assert any(n.endswith("original0") for n in decayed) and any(n.endswith("original1") for n in decayed)
+    lrs = []
+    for _ in range(100):  # Lightning steps an epoch-interval scheduler once per epoch end
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()  # no gradients: changes nothing (the scheduler wants a step before its own)
+        scheduler.step()
+    assert lrs[0] == lrs[69] == 0.1
+    assert lrs[70] == pytest.approx(0.01) and lrs[84] == pytest.approx(0.01)
+    assert lrs[85] == pytest.approx(0.001) and lrs[99] == pytest.approx(0.001)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"milestones": [70, 70]}, "optim.milestones"),  # MultiStepLR would drop the LR 100x at epoch 70
+        ({"milestones": [85, 70]}, "optim.milestones"),
+        ({"milestones": [0, 70]}, "optim.milestones"),
+        ({"lr": 0.0}, "optim.lr"),
+        ({"momentum": 1.0}, "optim.momentum"),
+        ({"weight_decay": -2e-4}, "optim.weight_decay"),
+    ],
+)
+def test_frep_refuses_a_bad_sgd_schedule_naming_the_key(kwargs: dict[str, Any], key: str) -> None:
+    """FReP built directly (no Hydra config to validate it) refuses what the config rules refuse."""
+    from frep_lightning import FReP
+
+    with pytest.raises(ValueError, match=key.replace(".", r"\.")):
+        FReP(build_model("resnet18", width=4), val_attack_steps=0, **kwargs)
+
+
 @pytest.mark.parametrize(
     ("overrides", "module_precision", "monitor_precision"),
     [
@@ -133,7 +187,10 @@ def test_smoke_experiment_end_to_end(
 
     def spy(model: Any, loader: Any, attacks: Any, **kwargs: Any) -> Any:  # the fit-end evaluation's inputs
         seen.update(batch_size=loader.batch_size, restarts=attacks["pgd10"].restarts)
+        evaluated.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         return real(model, loader, attacks, **kwargs)
+
+    evaluated: list[dict[str, torch.Tensor]] = []
 
     monkeypatch.setattr(train_module, "evaluate", spy)
     cfg = cfg_for(
@@ -172,6 +229,10 @@ def test_smoke_experiment_end_to_end(
     assert not any("parametrizations" in k or k.endswith("mask") for k in state)
     model = build_model("resnet18", num_classes=10, width=8)
     model.load_state_dict(state, strict=True)
+    # the numbers are the exported file's: a plain backbone holding exactly model.pt, not the live module
+    (evaluated_state,) = evaluated
+    assert evaluated_state.keys() == state.keys()
+    assert all(torch.equal(evaluated_state[k], state[k]) for k in state)
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert (run_dir / "config.yaml").is_file()
     assert summary["train_step"] == "plain (automatic optimization)"
@@ -206,6 +267,29 @@ def test_fast_path_end_to_end_through_the_config(pack_root: Path, cache_dir: Pat
     assert "2 streams" not in summary["train_step"]  # CPU: one stream
     assert summary["sparsity"] == pytest.approx(0.9, abs=1e-4) and summary["global_steps"] == 12
     assert 0.0 <= summary["pgd_acc"] <= summary["clean_acc"] <= 1.0
+
+
+def test_summary_sparsity_counts_the_layers_pruning_selected() -> None:
+    """summary.json's sparsity is over the layers the pruning pruned (pruning.include / the classifier a
+    structured run keeps), as keys of model.pt; without pruning, over every exported Conv2d/Linear."""
+    from types import SimpleNamespace
+
+    from frep_lightning.export import MergeReparameterization
+    from frep_lightning.pruning import RobustPruning
+    from frep_lightning.train import _prunable_keys
+
+    export = MergeReparameterization(attr="model")
+    export.report = {"layers": {"net.conv1": {}, "net.layer4.0.conv1": {}, "net.linear": {}}}
+    pruning = RobustPruning(sparsity=0.9, epoch=1, include=["model.net.layer4.*"])
+    pruning.selected_layers = ["model.net.layer4.0.conv1"]
+    trainer = SimpleNamespace(callbacks=[pruning, export])
+    assert _prunable_keys(trainer, export) == ["net.layer4.0.conv1.weight"]  # type: ignore[arg-type]
+    trainer = SimpleNamespace(callbacks=[export])
+    assert _prunable_keys(trainer, export) == [  # type: ignore[arg-type]
+        "net.conv1.weight",
+        "net.layer4.0.conv1.weight",
+        "net.linear.weight",
+    ]
 
 
 def test_a_run_that_trains_no_step_fails_instead_of_exporting(pack_root: Path, cache_dir: Path, tmp_path: Path) -> None:

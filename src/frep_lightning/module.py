@@ -9,6 +9,7 @@ consistency term of SRE compares against. Ensemble, pruning and merge are callba
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 from typing import Any
 
 import lightning.pytorch as pl
@@ -76,8 +77,9 @@ class FReP(pl.LightningModule):
             raise ValueError(f"optim.momentum={momentum!r} must be in [0, 1)")
         if not weight_decay >= 0:
             raise ValueError(f"optim.weight_decay={weight_decay!r} must be >= 0")
-        if list(milestones) != sorted(milestones) or any(m <= 0 for m in milestones):
-            raise ValueError(f"optim.milestones={list(milestones)!r} must be increasing positive epochs")
+        # strictly: a repeated epoch would multiply the LR by gamma twice there (MultiStepLR counts milestones)
+        if any(b <= a for a, b in pairwise(milestones)) or any(m <= 0 for m in milestones):
+            raise ValueError(f"optim.milestones={list(milestones)!r} must be strictly increasing positive epochs")
         val_attack_steps = check_int("module.val_attack_steps", val_attack_steps, 0)
         check_choice("val_attack_precision", val_attack_precision, PRECISIONS)
         self.save_hyperparameters(ignore=["model", "objective", "attack"])
