@@ -416,7 +416,7 @@ class Bench:
                 "<= 9",
             ),
             (
-                f"FReP / natural step, fast-bf16, {model} bs{bs}",
+                f"FReP / natural step, fast-bf16 / {nat.mode if nat else '-'}, {model} bs{bs}",  # the natural row used
                 fast.ms / nat.ms if fast and nat and fast.ms and nat.ms else None,
                 "<= 3.5",
             ),

@@ -90,6 +90,10 @@ def test_targets_divide_the_slower_step_by_the_faster(bench: ModuleType) -> None
     assert values == pytest.approx([9.0, 8.0 / 2.0, 99.0 / 9.0, 40.0 / 9.0])
     assert "pl-fast-bf16-s2" in result.ratios()[0][0]
     assert "| 11.00 | >= 10 |" in result.markdown()
+    assert "fast-bf16 / fast-bf16" in result.ratios()[1][0]
+    result.rows = [r for r in result.rows if (r.method, r.mode) != ("natural", "fast-bf16")]
+    label, value, _ = result.ratios()[1]  # no bf16 natural row: the fp32 one, and the label says so
+    assert value == pytest.approx(8.0 / 3.0) and "fast-bf16 / fast-fp32" in label
 
 
 def test_step_times_are_milliseconds_per_timed_step(bench: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
