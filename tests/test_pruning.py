@@ -48,6 +48,13 @@ def test_global_channel_masks_exact_count_and_min_channels() -> None:
         assert norms[kept].min() >= norms[~kept].max()
 
 
+def _train_steps(net: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, n: int) -> None:
+    for _ in range(n):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+
+
 @pytest.mark.parametrize("kind", ["hadamard", "channel", "none"])
 def test_pruned_weights_stay_zero_under_momentum_and_weight_decay(kind: str) -> None:
     torch.manual_seed(0)
@@ -55,10 +62,7 @@ def test_pruned_weights_stay_zero_under_momentum_and_weight_decay(kind: str) -> 
     reparameterize_(net, kind)
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-2)
     x, y = torch.rand(16, 3, 8, 8), torch.randint(0, 5, (16,))
-    for _ in range(3):  # build up momentum first
-        opt.zero_grad()
-        nn.functional.cross_entropy(net(x), y).backward()
-        opt.step()
+    _train_steps(net, opt, x, y, 3)  # build up momentum first
     masks = compute_masks(net, sparsity=0.8)
     apply_masks_(net, masks, [opt])
     for _ in range(5):
@@ -450,17 +454,11 @@ def test_adam_state_is_maskable_and_pruned_weights_stay_zero(kind: str) -> None:
     reparameterize_(net, kind)
     opt = torch.optim.AdamW(net.parameters(), lr=0.05, weight_decay=0.1)
     x, y = torch.rand(8, 3, 6, 6), torch.randint(0, 3, (8,))
-    for _ in range(3):  # build up both moments first
-        opt.zero_grad()
-        nn.functional.cross_entropy(net(x), y).backward()
-        opt.step()
+    _train_steps(net, opt, x, y, 3)  # build up both moments first
     check_maskable_state([opt])
     masks = compute_masks(net, sparsity=0.7)
     apply_masks_(net, masks, [opt])
-    for _ in range(3):
-        opt.zero_grad()
-        nn.functional.cross_entropy(net(x), y).backward()
-        opt.step()
+    _train_steps(net, opt, x, y, 3)
     for name, module, _ in iter_masked(net):
         pruned = masks[name] == 0
         assert bool(pruned.any()) and not module.weight[pruned].any()
