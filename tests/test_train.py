@@ -84,6 +84,10 @@ def test_the_papers_optimizer_and_lr_schedule(source: str) -> None:
         ({"lr": 0.0}, "optim.lr"),
         ({"momentum": 1.0}, "optim.momentum"),
         ({"weight_decay": -2e-4}, "optim.weight_decay"),
+        ({"gamma": 0.0}, "optim.gamma"),
+        ({"gamma": 10.0}, "optim.gamma"),  # an LR that grows 10x at each "drop"
+        ({"nesterov": True, "momentum": 0.0}, "optim.nesterov"),  # torch: only at configure_optimizers
+        ({"nesterov": "yes"}, "optim.nesterov"),
     ],
 )
 def test_frep_refuses_a_bad_sgd_schedule_naming_the_key(kwargs: dict[str, Any], key: str) -> None:

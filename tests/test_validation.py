@@ -139,6 +139,14 @@ def test_rule_rejects_bad_value(base: DictConfig, key: str, value: Any, fragment
     assert "invalid config (1 problem)" in message  # only the key that is wrong
 
 
+def test_nesterov_without_momentum_is_a_config_error(base: DictConfig) -> None:
+    """torch's SGD refuses it only when the optimizer is built, after the data is set up."""
+    cfg = with_value(with_value(base, "optim.momentum", 0.0), "optim.nesterov", True)
+    with pytest.raises(ConfigError, match=r"optim\.nesterov=True must be true or false \(true needs optim\.momentum"):
+        validate_train_config(cfg)
+    validate_train_config(with_value(base, "optim.nesterov", True))  # with the default momentum 0.9
+
+
 # the keys whose null means something (conf/ documents each: "null: all", "null: auto"...)
 NULLABLE = {
     "ckpt_path", "checkpoint.every_n_train_steps", "data.n_train", "data.n_val", "data.n_test", "data.root",

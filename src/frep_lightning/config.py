@@ -141,6 +141,12 @@ def _is_bool(v: Any, _: DictConfig) -> bool:
     return isinstance(v, bool)
 
 
+def _nesterov(v: Any, cfg: DictConfig) -> bool:
+    """torch's SGD refuses Nesterov without momentum, but only when the optimizer is built (after data setup)."""
+    momentum = OmegaConf.select(cfg, "optim.momentum")
+    return isinstance(v, bool) and (not v or (_is_number(momentum) and momentum > 0))
+
+
 def _path(v: Any, _: DictConfig) -> bool:
     return isinstance(v, str) and bool(v)
 
@@ -252,7 +258,7 @@ RULES: list[Rule] = [
     _rule("optim.lr", _between(0, float("inf"), True, True), "must be a number > 0"),
     _rule("optim.momentum", _between(0, 1, False, True), "must be in [0, 1)"),
     _rule("optim.weight_decay", _between(0, float("inf"), False, True), "must be a number >= 0"),
-    _rule("optim.nesterov", _is_bool, "must be true or false"),
+    _rule("optim.nesterov", _nesterov, "must be true or false (true needs optim.momentum > 0)"),
     _rule("optim.milestones", _milestones, "must be a strictly increasing list of positive epochs"),
     _rule("optim.gamma", _between(0, 1, True, False), "must be in (0, 1]"),
     # trainer

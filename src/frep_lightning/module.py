@@ -77,6 +77,10 @@ class FReP(pl.LightningModule):
             raise ValueError(f"optim.momentum={momentum!r} must be in [0, 1)")
         if not weight_decay >= 0:
             raise ValueError(f"optim.weight_decay={weight_decay!r} must be >= 0")
+        if not 0 < gamma <= 1:
+            raise ValueError(f"optim.gamma={gamma!r} must be in (0, 1]")
+        if not isinstance(nesterov, bool) or (nesterov and momentum == 0):
+            raise ValueError(f"optim.nesterov={nesterov!r} must be true or false (true needs optim.momentum > 0)")
         # strictly: a repeated epoch would multiply the LR by gamma twice there (MultiStepLR counts milestones)
         if any(b <= a for a, b in pairwise(milestones)) or any(m <= 0 for m in milestones):
             raise ValueError(f"optim.milestones={list(milestones)!r} must be strictly increasing positive epochs")
