@@ -53,7 +53,7 @@ from frep_lightning.evaluate import (
 from frep_lightning.export import NotOurFileError, merged_state_dict, safe_load, write_json
 from frep_lightning.pruning import without_classifier
 from frep_lightning.reparam import add_masks_, select_layers
-from frep_lightning.slimming import save_program, slim
+from frep_lightning.slimming import example_images, save_program, slim
 from frep_lightning.train import build_module, config_dir
 
 log = logging.getLogger("frep_lightning")
@@ -487,7 +487,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out = Path(cfg.output) if cfg.get("output") else model_file.parent / "eval.json"
     slimmed = None
     if cfg.get("slim"):  # the numbers below are then the smaller network's, which is what ships
-        example = next(iter(datamodule.test_dataloader()))[0][:8].cpu()  # the model is still on the CPU here
+        example = example_images(datamodule.test_dataloader())
         model, slimmed = slim(model, example)
         # beside eval.json; with output=<name>.json, <name>_model_slim.pt2 (two evals in one folder keep both)
         slimmed["program"] = str(out.with_name(f"{out.stem}_model_slim.pt2" if cfg.get("output") else "model_slim.pt2"))

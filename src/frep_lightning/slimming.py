@@ -32,6 +32,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,8 +162,8 @@ def _chain(
                 todo.append((user, layout))
             elif layout == "spatial" and _flatten_from_1(user, modules):
                 todo.append((user, "flat"))
-            elif layout == "spatial" and _spatial_mean(user) is not None:
-                todo.append((user, str(_spatial_mean(user))))
+            elif layout == "spatial" and (pooled := _spatial_mean(user)) is not None:
+                todo.append((user, pooled))
             elif _is_passthrough(user, modules, spatial=layout == "spatial"):
                 todo.append((user, layout))
             else:
@@ -309,6 +310,12 @@ def slim_(model: nn.Module) -> dict[str, Any]:
                 reader.in_features = len(cols)
     params_after = sum(p.numel() for p in model.parameters())
     return {"layers": layers, "parameters": [params_before, params_after], "untraced": untraced}
+
+
+def example_images(loader: Iterable[Any], n: int = 8) -> Tensor:
+    """The first ``n`` images of ``loader`` on the CPU, where a model is slimmed and checked (GPU-resident
+    test data included)."""
+    return next(iter(loader))[0][:n].cpu()
 
 
 @torch.no_grad()

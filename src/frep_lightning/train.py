@@ -55,7 +55,7 @@ from frep_lightning.module import FReP
 from frep_lightning.monitor import RobustnessMonitor
 from frep_lightning.pruning import RobustPruning, sparsity_report
 from frep_lightning.reparam import merge_
-from frep_lightning.slimming import slim
+from frep_lightning.slimming import example_images, slim
 from frep_lightning.sweep import finish_wandb, start_wandb, wandb_run_id
 
 log = logging.getLogger("frep_lightning")
@@ -310,14 +310,11 @@ def summarize(
 def _slim_account(model: torch.nn.Module, loader: Any) -> dict[str, Any]:
     """What cutting the emptied channels out of ``model`` would leave (``frep_lightning.slimming``), on a
     copy; a model the cut cannot handle is reported, not fatal: the run's numbers are already paid for."""
-    example, training = next(iter(loader))[0][:8].cpu(), model.training
     try:
-        _, report = slim(model.eval(), example)
+        _, report = slim(model, example_images(loader))  # compares in eval mode and restores the modes itself
     except Exception as err:  # any failure of this optional account
         log.warning("slim: the emptied channels could not be cut out of the model (%s); model.pt is unaffected", err)
         return {"error": str(err)}
-    finally:
-        model.train(training)
     return {key: report[key] for key in ("parameters", "macs")}
 
 
