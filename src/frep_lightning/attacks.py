@@ -99,16 +99,21 @@ def attack_precision(precision: str, device: torch.device) -> contextlib.Abstrac
 
 
 @contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside, and every submodule's own mode back afterwards: ``model.train(flag)`` alone
-    would also flip submodules the caller had set apart (e.g. a frozen BatchNorm kept in eval mode)."""
+def module_mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """``model.train(training)`` inside, and every submodule's own mode back afterwards: ``model.train(flag)``
+    alone would also flip submodules the caller had set apart (e.g. a frozen BatchNorm kept in eval mode)."""
     modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+    model.train(training)
     try:
         yield
     finally:
-        for m, training in modes:
-            m.training = training
+        for m, was in modes:
+            m.training = was
+
+
+def eval_mode(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Eval mode inside, every submodule's own mode back afterwards (:func:`module_mode`)."""
+    return module_mode(model, False)
 
 
 class SignGradientAttack:

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from frep_lightning.attacks import eval_mode, module_mode
 from frep_lightning.channel_removal import trace
 from frep_lightning.export import atomic_write_bytes
 
@@ -259,13 +260,8 @@ def _same_chain(a: _Chain, b: _Chain) -> bool:
 def _graph_in_mode(model: nn.Module, training: bool) -> fx.Graph | None:
     """``model`` traced as ``model.train(training)`` runs it (tracing fixes ``if self.training:`` branches),
     every module's mode restored afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.train(training)
-    try:
+    with module_mode(model, training):
         return trace(model)[0]
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 @torch.no_grad()
@@ -350,15 +346,8 @@ def slim(model: nn.Module, example: Tensor, rtol: float = 1e-4, atol: float = 1e
     [before, after]."""
     small = copy.deepcopy(model)
     report = slim_(small)
-    modes = [m.training for m in model.modules()]  # the copy has the same modules in the same order
-    try:
-        model.eval()
-        small.eval()
+    with eval_mode(model), eval_mode(small):
         (full, macs_before), (cut, macs_after) = macs_per_image(model, example), macs_per_image(small, example)
-    finally:
-        for net in (model, small):
-            for m, mode in zip(net.modules(), modes, strict=True):
-                m.training = mode
     report["macs"] = [macs_before, macs_after]
     scale = float(full.abs().max()) if full.is_floating_point() and full.numel() else 0.0
     if math.isfinite(scale):  # (an inf output must not make the check vacuous)
