@@ -112,6 +112,11 @@ BAD = [
     ("data.cache_dir", "", "must be a non-empty path or null"),
     ("data.on_device", "maybe", "must be true, false or null"),
     ("model.width", 0, "must be an integer > 0 or null"),
+    ("model.mean", [125.3, 123.0, 113.9], "must be 3 numbers in [0, 1], one per RGB channel"),  # 0-255 units
+    ("model.mean", [0.5, 0.5], "must be 3 numbers in [0, 1], one per RGB channel"),
+    ("model.mean", 0.5, "must be 3 numbers in [0, 1], one per RGB channel"),
+    ("model.std", [0.2, 0.0, 0.2], "must be 3 numbers in (0, 1], one per RGB channel"),
+    ("model.std", "0.2,0.2,0.2", "must be 3 numbers in (0, 1], one per RGB channel"),
     ("method.objective.lam", -0.5, "must be a number >= 0"),
     ("optim.weight_decay", -1e-4, "must be a number >= 0"),
     ("optim.nesterov", "no", "must be true or false"),
@@ -181,6 +186,8 @@ GOOD = [
     ("monitor.min_best", 0.0),
     ("monitor.min_best", 1.0),
     ("ensemble.interval_factor", 1),
+    ("model.mean", [0.0, 0.5, 1.0]),
+    ("model.std", [1.0, 1.0, 1.0]),
 ]
 
 
@@ -352,3 +359,45 @@ def test_lr_drops_after_the_last_epoch_are_warned(base: DictConfig) -> None:
     assert "[85]" in warning and "[56,68]" in warning
     (warning,) = schedule_warnings(with_value(with_value(base, "optim.milestones", [5, 9]), "trainer.max_epochs", 8))
     assert warning.endswith("move them below 8")  # not the paper's recipe: no proportions to scale
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "svhn"])
+def test_model_normalisation_defaults_to_the_datasets_statistics(dataset: str) -> None:
+    """model.mean/std follow data.name (SVHN's std is ~0.2, CIFAR-10's ~0.25), and the built model's first
+    layer holds them; CIFAR-10's are the constants ``build_model`` defaults to."""
+    from hydra.utils import instantiate
+
+    from frep_lightning.data import NORMALIZATION
+    from frep_lightning.models import CIFAR_MEAN, CIFAR_STD
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"data={dataset}", "model.width=4"])
+    validate_train_config(cfg)
+    mean, std = NORMALIZATION[dataset]
+    assert list(cfg.model.mean) == list(mean) and list(cfg.model.std) == list(std)
+    model = instantiate(cfg.model)
+    assert model.normalize.mean.flatten().tolist() == pytest.approx(mean)
+    assert model.normalize.std.flatten().tolist() == pytest.approx(std)
+    assert NORMALIZATION["cifar10"] == (CIFAR_MEAN, CIFAR_STD)
+    assert NORMALIZATION["svhn"][1] != CIFAR_STD and NORMALIZATION["cifar100"][0] != CIFAR_MEAN
+
+
+def test_normalisation_and_class_counts_cover_the_same_datasets() -> None:
+    """config.py keeps its own dataset table (it must not import Lightning): it cannot drift from the data's."""
+    from frep_lightning.data import DATASETS, NORMALIZATION
+
+    assert config_module.DATASETS == DATASETS and NORMALIZATION.keys() == DATASETS.keys()
+
+
+def test_a_default_that_cannot_resolve_is_reported_with_the_others(base: DictConfig) -> None:
+    """An interpolation that fails (a resolver's error) is one problem in the list, not an exception that hides
+    the rest; one computed from a rejected key is that key's problem only."""
+    cfg = with_value(with_value(base, "model.std", "${oc.env:FREP_NO_SUCH_VARIABLE}"), "seed", -1)
+    with pytest.raises(ConfigError) as info:
+        validate_train_config(cfg)
+    message = str(info.value)
+    assert "invalid config (2 problems)" in message
+    assert "model.std cannot be resolved" in message and "seed=-1 must be" in message
+    cfg = with_value(with_value(base, "data.name", "imagenet"), "model.mean", [0.5, 0.5])
+    errors = check_rules(cfg)  # model.std reads data.name: not reported again; model.mean is its own problem
+    assert len(errors) == 2 and errors[0].startswith("data.name='imagenet'") and errors[1].startswith("model.mean=")

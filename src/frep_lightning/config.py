@@ -83,6 +83,22 @@ def num_classes(name: str) -> int:
     return DATASETS[name]
 
 
+def normalization(name: str, which: str) -> list[float]:
+    """``data.name``'s per-channel training-set ``mean`` or ``std`` (the ``frep_normalization`` resolver that
+    model.mean / model.std default to)."""
+    from frep_lightning.data import NORMALIZATION
+
+    num_classes(name)  # the same error for an unknown dataset
+    if which not in ("mean", "std"):
+        raise ConfigError(f"frep_normalization: {which!r} is neither mean nor std")
+    return list(NORMALIZATION[name][0 if which == "mean" else 1])
+
+
+# conf/model/*.yaml: num_classes, mean and std follow data.name
+OmegaConf.register_new_resolver("frep_num_classes", num_classes, replace=True)
+OmegaConf.register_new_resolver("frep_normalization", normalization, replace=True)
+
+
 # ---- value predicates ---------------------------------------------------------------------------
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
@@ -135,6 +151,17 @@ def _eps(v: Any, _: DictConfig) -> bool:
     except (ValueError, TypeError):
         return False
     return True
+
+
+def _rgb_stats(positive: bool) -> Callable[[Any, DictConfig], bool]:
+    """Three per-channel statistics of [0, 1] images (a 0-255 value is the usual slip)."""
+
+    def check(v: Any, _: DictConfig) -> bool:
+        if isinstance(v, str) or not isinstance(v, Sequence) or len(v) != 3:
+            return False
+        return all(_is_number(x) and (x > 0 if positive else x >= 0) and x <= 1 for x in v)
+
+    return check
 
 
 def _is_bool(v: Any, _: DictConfig) -> bool:
@@ -243,6 +270,10 @@ RULES: list[Rule] = [
     # model
     _rule("model.name", _model_name, _model_names_text, required=True),
     _rule("model.width", _int_at_least(1), _POS_INT + " or null (null: the published width)", nullable=True),
+    _rule("model.mean", _rgb_stats(False), "must be 3 numbers in [0, 1], one per RGB channel of [0, 1] images "
+          "(default: data.name's training-set mean)"),
+    _rule("model.std", _rgb_stats(True), "must be 3 numbers in (0, 1], one per RGB channel of [0, 1] images "
+          "(default: data.name's training-set std)"),
     # method
     _rule("method.name", _one_of(method_names), required=True),
     _rule("method.reparam_kind", _one_of(REPARAM_KINDS)),
@@ -317,25 +348,39 @@ def _group_on(cfg: DictConfig, group: str) -> bool:
     return enabled(node)
 
 
-def _copied_from(cfg: DictConfig, key: str) -> str | None:
-    """The key that ``key``'s value is a plain copy of (``key: ${other}``), else None."""
+def _raw(cfg: DictConfig, key: str) -> str | None:
+    """``key``'s unresolved interpolation text (``${...}``), or None when it is not an interpolation."""
     parent_key, _, leaf = key.rpartition(".")
     parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
     if not isinstance(parent, DictConfig) or leaf not in parent or not OmegaConf.is_interpolation(parent, leaf):
         return None
-    raw = OmegaConf.to_container(parent, resolve=False)[leaf]  # type: ignore[index]
-    match = re.fullmatch(r"\$\{([\w.]+)\}", str(raw))
+    return str(OmegaConf.to_container(parent, resolve=False)[leaf])  # type: ignore[index]
+
+
+def _copied_from(cfg: DictConfig, key: str) -> str | None:
+    """The key that ``key``'s value is a plain copy of (``key: ${other}``), else None."""
+    match = re.fullmatch(r"\$\{([\w.]+)\}", _raw(cfg, key) or "")
     return match.group(1) if match else None
+
+
+def _reads(cfg: DictConfig, key: str) -> set[str]:
+    """The keys that ``key``'s interpolation reads (each ``${a.b}`` in it, nested ones included)."""
+    return set(re.findall(r"\$\{([\w.]+)\}", _raw(cfg, key) or ""))
 
 
 def check_rules(cfg: DictConfig, rules: Sequence[Rule] = RULES) -> list[str]:
     """One message per violated rule; a key that only copies a rejected key (``${...}``), wherever
     its rule stands in the table, is not reported again."""
     errors: list[tuple[str, str]] = []
+    unresolved: list[tuple[str, str]] = []
     for rule in rules:
         if rule.group is not None and not _group_on(cfg, rule.group):
             continue
-        value = _value(cfg, rule.key)
+        try:
+            value = _value(cfg, rule.key)
+        except ConfigError as err:
+            unresolved.append((rule.key, str(err)))
+            continue
         if value is _ABSENT:
             if rule.required:
                 text = rule.text(cfg)
@@ -348,7 +393,10 @@ def check_rules(cfg: DictConfig, rules: Sequence[Rule] = RULES) -> list[str]:
             errors.append((rule.key, f"{rule.key}={value!r} {rule.text(cfg)}"))
     # after the loop: the copy's rule may come before its source's (data.n_test: ${eval.n_test})
     rejected = {key for key, _ in errors}
-    return [message for key, message in errors if _copied_from(cfg, key) not in rejected]
+    messages = [message for key, message in errors if _copied_from(cfg, key) not in rejected]
+    # a default computed from a rejected key (model.mean: ${frep_normalization:${data.name},mean}) is that
+    # key's problem, reported once
+    return messages + [message for key, message in unresolved if not _reads(cfg, key) & rejected]
 
 
 def _target_parameters(target: str) -> tuple[list[str], bool]:

@@ -44,7 +44,6 @@ from frep_lightning.config import (
     config_dir,
     enabled,
     exit_on_config_error,
-    num_classes,
     schedule_warnings,
     validate_train_config,
 )
@@ -59,8 +58,6 @@ from frep_lightning.slimming import example_images, slim
 from frep_lightning.sweep import finish_wandb, start_wandb, wandb_run_id
 
 log = logging.getLogger("frep_lightning")
-
-OmegaConf.register_new_resolver("frep_num_classes", num_classes, replace=True)
 
 
 # DDP: the extra ranks are this script re-executed by Lightning; they write into rank 0's run dir

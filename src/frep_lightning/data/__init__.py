@@ -5,6 +5,7 @@ from __future__ import annotations
 from frep_lightning.data.augment import random_crop_flip, to_float
 from frep_lightning.data.datamodule import (
     DATASETS,
+    NORMALIZATION,
     ImageClassificationData,
     balanced_indices,
     collate_uint8,
@@ -15,6 +16,7 @@ from frep_lightning.data.pack import KNOWN_SHA256, default_cache_dir, file_sha25
 __all__ = [
     "DATASETS",
     "KNOWN_SHA256",
+    "NORMALIZATION",
     "ImageClassificationData",
     "balanced_indices",
     "collate_uint8",

@@ -28,6 +28,13 @@ from frep_lightning.data.pack import KNOWN_SHA256, load_pack
 from frep_lightning.data.resumable import EpochSeededSampler, ResumableLoader, SeededPairs, collate_seeded
 
 DATASETS = {"cifar10": 10, "cifar100": 100, "svhn": 10}
+# Per-channel training-set (mean, std) of [0, 1] images, the robust-training literature's constants: the
+# defaults of model.mean / model.std (the model's first layer, models.Normalize), picked by data.name
+NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+}
 FORMATS = ("auto", "pack", "torchvision")
 CROP_PADDING = 4
 _CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
