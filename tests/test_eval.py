@@ -453,6 +453,64 @@ def test_nan_adversarial_images_are_an_error_not_robust_examples() -> None:
         run_attacks(model, [(xt, yt)], {"nan": _NaNAttack()})
 
 
+class _Constant(nn.Module):
+    """The same logits for every image: all tied (``value`` 0) or all NaN."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.full((len(x), 10), self.value) + 0.0 * x.flatten(1).sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("value", [0.0, float("nan")])
+def test_tied_or_nan_logits_are_not_a_correct_prediction(value: float) -> None:
+    """argmax picks the lowest tied index (and NaN as the largest logit): class-0 images of a model whose logits
+    tie or are NaN would count as correct and robust, and Square stops at a tie (margin <= 0 is its success)."""
+    xt, yt = blobs(20, seed=1)
+    assert int((yt == 0).sum()) == 2
+    acc = evaluate(_Constant(value), [(xt, yt)], build_attacks(["pgd2"], eps=EPS))
+    assert acc["clean"] == acc["pgd2"] == acc["worst_case"] == 0.0
+
+
+class _Band(nn.Module):
+    """Two classes; the wrong one (1) wins only while the mean perturbation from 0.5 lies in (0.3, 0.6) x eps, and
+    the input gradient always raises every pixel: a PGD/MIM path crosses the band and leaves it on the far side."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = (x - 0.5).flatten(1).mean(1) / EPS
+        wrong = 4.0 * ((t > 0.3) & (t < 0.6)).float() - 2.0 + (t - t.detach())
+        return torch.stack([torch.zeros_like(t), wrong], dim=1)
+
+
+def test_an_example_that_a_later_step_leads_back_to_its_class_counts_as_broken() -> None:
+    """Robustness is the worst case over the iterates too: an example misclassified at some PGD/MIM step is broken,
+    even if the last step (which alone used to be judged) is classified correctly again."""
+    x, y = torch.full((8, 3, 8, 8), 0.5), torch.zeros(8, dtype=torch.long)
+    result = run_attacks(_Band(), [(x, y)], build_attacks(["pgd10", "mim10"], eps=EPS))
+    assert result.accuracies() == {"clean": 1.0, "pgd10": 0.0, "mim10": 0.0, "worst_case": 0.0}
+    last = PGD(eps=EPS, steps=10).perturb(_Band(), x, lambda out: nn.functional.cross_entropy(out, y))
+    assert bool((_Band()(last).argmax(1) == y).all())  # without labels (training): the plain last iterate
+
+
+def test_zero_input_gradients_are_reported_as_gradient_masking(cnn: tuple[nn.Module, Tensor, Tensor]) -> None:
+    """Logits x 1e4 saturate the softmax: the cross-entropy gradient is exactly 0, FGSM/PGD cannot move any image
+    and report clean accuracy as robust; without Square/AutoAttack nothing else would say so."""
+    model, xt, yt = cnn
+
+    class Scaled(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return model(x) * 1e4
+
+    attacks = build_attacks(["fgsm", "pgd5"], eps=EPS)
+    masked = run_attacks(Scaled(), [(xt[:32], yt[:32]), (xt[32:], yt[32:])], attacks)
+    acc = masked.accuracies()
+    assert acc["pgd5"] == acc["clean"]
+    assert any("input gradient of the cross-entropy is exactly zero" in w for w in masked.warnings)
+    assert not any("exactly zero" in w for w in run_attacks(model, [(xt, yt)], attacks).warnings)
+
+
 def test_same_seed_same_numbers(cnn: tuple[nn.Module, Tensor, Tensor]) -> None:
     model, xt, yt = cnn
     names = ["pgd10", "square"]

@@ -54,6 +54,19 @@ def project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
     return torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
 
 
+def margins(logits: Tensor, y: Tensor) -> Tensor:
+    """Per example: the true class's logit minus the largest other one (NaN for NaN logits)."""
+    true = logits.gather(1, y.long().view(-1, 1)).squeeze(1)
+    return true - logits.scatter(1, y.long().view(-1, 1), float("-inf")).amax(dim=1)
+
+
+def correct_predictions(logits: Tensor, y: Tensor) -> Tensor:
+    """Per example: the true class's logit strictly above every other one. Stricter than ``argmax == y``, which
+    counts a tie as correct when the true class has the lower index (Square stops at a tie: margin <= 0 is its
+    success) and takes NaN for the largest logit (NaN logits would be a prediction of that class)."""
+    return margins(logits, y) > 0
+
+
 def check_adversarial(x_adv: Tensor, x: Tensor, eps: float, tol: float = 1e-6) -> None:
     """Hard error when an adversarial batch leaves the threat model (never silently report it), NaN
     included: it passes every comparison, and argmax of NaN logits is a class (0), so NaN images from an
@@ -169,8 +182,19 @@ class SignGradientAttack:
         else:
             yield
 
-    def perturb(self, model: nn.Module, x: Tensor, loss_fn: LossFn, generator: torch.Generator | None = None) -> Tensor:
-        """Adversarial version of ``x`` (detached, in the ball, in [0, 1])."""
+    def perturb(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        loss_fn: LossFn,
+        generator: torch.Generator | None = None,
+        labels: Tensor | None = None,
+    ) -> Tensor:
+        """Adversarial version of ``x`` (detached, in the ball, in [0, 1]).
+
+        ``labels`` (evaluation): an example stays at the first iterate that the model misclassifies; a later
+        sign step can lead back to the right class, and the last iterate alone would then count it robust.
+        The check reuses each step's forward (no extra cost); examples are independent in eval mode."""
         with torch.inference_mode(False), torch.enable_grad(), self._bn_context(model):
             x = x.detach().clone()
             if self.random_start:
@@ -179,16 +203,22 @@ class SignGradientAttack:
             else:
                 x_adv = x.clone()
             grad_acc = torch.zeros_like(x) if self.momentum is not None else None
+            shape = (-1, *([1] * (x.dim() - 1)))  # per example, broadcast over the image
+            fooled = None if labels is None else torch.zeros(len(x), dtype=torch.bool, device=x.device).view(shape)
             for _ in range(self.steps):
                 x_adv.requires_grad_(True)
-                loss = loss_fn(model(x_adv))
+                logits = model(x_adv)
+                loss = loss_fn(logits)
                 (grad,) = torch.autograd.grad(loss, x_adv)
                 x_adv = x_adv.detach()
+                if fooled is not None and labels is not None:  # strictly wrong: a bf16 tie may be fp32 correct
+                    fooled |= (margins(logits.detach().float(), labels) < 0).view(shape)
                 if grad_acc is not None:
-                    norm = grad.abs().flatten(1).sum(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+                    norm = grad.abs().flatten(1).sum(dim=1).clamp_min(1e-12).view(shape)
                     grad_acc = self.momentum * grad_acc + grad / norm
                     grad = grad_acc
-                x_adv = project(x_adv + self.step_size * grad.sign(), x, self.eps)
+                stepped = project(x_adv + self.step_size * grad.sign(), x, self.eps)
+                x_adv = stepped if fooled is None else torch.where(fooled, x_adv, stepped)
         return x_adv.detach()
 
 

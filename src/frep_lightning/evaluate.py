@@ -20,8 +20,11 @@ What makes the numbers trustworthy (each is enforced here, not only tested):
   |x_adv - x| <= eps + 1e-6 and 0 <= x_adv <= 1): a violation is an error;
 - an example is robust to an attack only if it is classified correctly both clean and under
   the attack, so every robust accuracy is <= clean accuracy by construction, and ``worst_case``
-  counts an example only if every attack run failed on it;
-- consistency checks between attacks (:func:`trust_warnings`) flag gradient masking;
+  counts an example only if every attack run failed on it; correct means the true logit strictly
+  above every other (a tie or NaN logits are wrong), and FGSM/PGD/MIM keep an example at the first
+  iterate that is misclassified (a later step must not count it robust again);
+- consistency checks between attacks (:func:`trust_warnings`) and exactly-zero input gradients
+  flag gradient masking;
 - every attack has its own random generator derived from ``seed`` and its name, so the same
   seed gives the same numbers, and a number does not depend on which other attacks ran.
 
@@ -52,6 +55,7 @@ from frep_lightning.attacks import (
     SignGradientAttack,
     attack_precision,
     check_adversarial,
+    correct_predictions,
     cross_entropy_loss,
     eval_mode,
     parse_eps,
@@ -68,6 +72,8 @@ _ITERATIVE = re.compile(r"^(pgd|mim)([1-9][0-9]*)$")
 AA_PGD_TOLERANCE = 0.005
 # ... and Square (black-box) this far below the best white-box attack before it means gradient masking
 SQUARE_TOLERANCE = 0.005
+# ... and the input gradient may be exactly zero for at most this fraction of the examples white-box attacks start from
+ZERO_GRADIENT_TOLERANCE = 0.005
 
 
 def check_attack_names(names: Sequence[str], key: str = "attacks") -> list[str]:
@@ -121,8 +127,8 @@ class EvalAttack:
 class WhiteBoxAttack(EvalAttack):
     """FGSM / PGD / MIM from :mod:`frep_lightning.attacks` with per-example restarts.
 
-    An example counts as broken as soon as one restart fools the model; later restarts only
-    attack the examples still standing. Attacks without random start are deterministic, so
+    An example counts as broken as soon as one iterate of one restart fools the model; later restarts
+    only attack the examples still standing. Attacks without random start are deterministic, so
     they run once whatever ``restarts`` says.
     """
 
@@ -152,10 +158,12 @@ class WhiteBoxAttack(EvalAttack):
         todo = torch.arange(len(x), device=x.device)
         for _ in range(self.restarts):
             with attack_precision(self.precision, x.device):
-                cand = self.attack.perturb(model, x[todo], cross_entropy_loss(y[todo]), generator=generator)
+                cand = self.attack.perturb(
+                    model, x[todo], cross_entropy_loss(y[todo]), generator=generator, labels=y[todo]
+                )
             x_adv[todo] = cand
             with torch.no_grad():
-                fooled = model(cand).argmax(dim=1) != y[todo]
+                fooled = ~correct_predictions(model(cand), y[todo])
             todo = todo[~fooled]
             if len(todo) == 0:
                 break
@@ -393,6 +401,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _zero_gradients(model: nn.Module, x: Tensor, y: Tensor) -> int:
+    """Examples whose cross-entropy gradient with respect to the input is exactly zero: sign-gradient attacks
+    cannot move them (a saturated softmax, a non-differentiable layer), so they would count as robust.
+    fp32 and a summed loss, so that neither bf16 nor the batch mean underflows a real gradient to zero."""
+    with torch.inference_mode(False), torch.enable_grad():
+        x = x.detach().clone().requires_grad_(True)
+        loss = nn.functional.cross_entropy(model(x).float(), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x)
+    return int((grad.flatten(1) == 0).all(dim=1).sum())
+
+
 def run_attacks(
     model: nn.Module,
     batches: Iterable[tuple[Tensor, Tensor]],
@@ -417,6 +436,8 @@ def run_attacks(
     seconds = dict.fromkeys(["clean", *wrapped], 0.0)
     total = len(batches) if hasattr(batches, "__len__") else None
     begin = time.perf_counter()
+    probe = any(isinstance(a, WhiteBoxAttack) for a in wrapped.values())
+    zero_grad = probed = 0
     with eval_mode(model), _frozen_parameters(model):
         for b, (x, y) in enumerate(batches):
             if b:  # progress: long evaluations (AutoAttack, Square) otherwise print nothing for minutes
@@ -428,11 +449,14 @@ def run_attacks(
                 raise ValueError("evaluation inputs must be images in [0, 1]; normalisation belongs inside the model")
             start = time.perf_counter()
             with torch.no_grad():
-                clean = model(x).argmax(dim=1) == y
+                clean = correct_predictions(model(x), y)
             _sync(device)
             seconds["clean"] += time.perf_counter() - start
             correct["clean"].append(clean.cpu())
             idx = clean.nonzero().flatten()
+            if probe and len(idx):
+                zero_grad += _zero_gradients(model, x[idx], y[idx])
+                probed += len(idx)
             for name, attack in wrapped.items():
                 ok = torch.zeros_like(clean)
                 if len(idx):
@@ -443,7 +467,7 @@ def run_attacks(
                         raise RuntimeError(f"attack {name!r} switched the model to training mode")
                     check_adversarial(x_adv, x_sub, attack.eps)
                     with torch.no_grad():
-                        ok[idx] = model(x_adv).argmax(dim=1) == y_sub
+                        ok[idx] = correct_predictions(model(x_adv), y_sub)
                     _sync(device)
                     seconds[name] += time.perf_counter() - start
                 correct[name].append(ok.cpu())
@@ -459,6 +483,12 @@ def run_attacks(
     for attack in wrapped.values():
         result.warnings.extend(f"AutoAttack: {m}" for m in getattr(attack, "messages", []))
     result.warnings.extend(trust_warnings(result.accuracies(), n, {k: a.white_box for k, a in wrapped.items()}))
+    if zero_grad > ZERO_GRADIENT_TOLERANCE * probed:
+        result.warnings.append(
+            f"gradient masking suspected: the input gradient of the cross-entropy is exactly zero for {zero_grad} of "
+            f"{probed} correctly classified examples; FGSM/PGD/MIM cannot move them, so their accuracies overstate "
+            "robustness (run square and aa)"
+        )
     return result
 
 
