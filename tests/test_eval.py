@@ -511,6 +511,19 @@ def test_zero_input_gradients_are_reported_as_gradient_masking(cnn: tuple[nn.Mod
     assert not any("exactly zero" in w for w in run_attacks(model, [(xt, yt)], attacks).warnings)
 
 
+def test_a_rounded_eps_is_warned_about(cnn: tuple[nn.Module, Tensor, Tensor]) -> None:
+    """eps 0.031 is a smaller ball than the 8/255 its numbers get compared with: said in the report."""
+    from frep_lightning.attacks import rounded_eps_warning
+
+    model, xt, yt = cnn
+    warned = run_attacks(model, [(xt[:16], yt[:16])], build_attacks(["fgsm"], eps=0.031)).warnings
+    assert [w for w in warned if "a rounded 8/255" in w and "7.905/255, a smaller threat model" in w]
+    assert not run_attacks(model, [(xt[:16], yt[:16])], build_attacks(["fgsm"], eps="8/255")).warnings
+    assert "a larger threat model" in str(rounded_eps_warning(0.0314)) and "4/255" in str(rounded_eps_warning(0.0157))
+    for eps in (8 / 255, 2 / 255, 0.03, 0.1, 0.3, 0.5, 1.0):  # exact fractions, and values of their own
+        assert rounded_eps_warning(eps) is None, eps
+
+
 def test_same_seed_same_numbers(cnn: tuple[nn.Module, Tensor, Tensor]) -> None:
     model, xt, yt = cnn
     names = ["pgd10", "square"]

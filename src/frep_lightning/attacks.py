@@ -49,6 +49,23 @@ def parse_eps(value: float | int | str, key: str = "attack.eps") -> float:
     return eps
 
 
+# the L-inf radii of the literature's tables, as k in k/255
+PUBLISHED_RADII = (1, 2, 4, 8, 16)
+
+
+def rounded_eps_warning(eps: float, key: str = "eps") -> str | None:
+    """A warning when ``eps`` is a rounded k/255 (0.031 for 8/255): a slightly different ball from the one the
+    published numbers use, reported under the same name; None for k/255 exactly or a value not near one."""
+    k = round(eps * 255)
+    if k not in PUBLISHED_RADII or abs(eps - k / 255) <= 1e-9 or abs(eps - k / 255) > 0.025 * k / 255:
+        return None  # 0.03 (4 % off 8/255) or 0.1 are values of their own
+    smaller = "smaller" if eps < k / 255 else "larger"
+    return (
+        f"{key}={eps:g} is a rounded {k}/255 = {k / 255:.6f} ({eps * 255:.3f}/255, a {smaller} threat model than the "
+        f"published {k}/255 numbers): give it as the fraction {k}/255"
+    )
+
+
 def project(x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
     """Projection onto the eps-ball around ``x`` intersected with the image box [0, 1]."""
     return torch.minimum(torch.maximum(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)

@@ -59,6 +59,7 @@ from frep_lightning.attacks import (
     cross_entropy_loss,
     eval_mode,
     parse_eps,
+    rounded_eps_warning,
 )
 from frep_lightning.checks import check_choice, check_int
 
@@ -483,6 +484,9 @@ def run_attacks(
     for attack in wrapped.values():
         result.warnings.extend(f"AutoAttack: {m}" for m in getattr(attack, "messages", []))
     result.warnings.extend(trust_warnings(result.accuracies(), n, {k: a.white_box for k, a in wrapped.items()}))
+    for eps in sorted({a.eps for a in wrapped.values()}):
+        if (message := rounded_eps_warning(eps)) is not None:
+            result.warnings.append(message)
     if zero_grad > ZERO_GRADIENT_TOLERANCE * probed:
         result.warnings.append(
             f"gradient masking suspected: the input gradient of the cross-entropy is exactly zero for {zero_grad} of "
