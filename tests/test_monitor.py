@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from frep_lightning.module import FReP
-from frep_lightning.monitor import RobustnessMonitor
+from frep_lightning.monitor import RobustnessMonitor, _masks_kept
 
 
 def _module() -> FReP:
@@ -106,7 +106,9 @@ def test_pruning_damage_is_not_catastrophic_overfitting() -> None:
     monitor = RobustnessMonitor(n_images=16, steps=1, batch_size=8)
     flags: list[bool] = []
     observe = monitor.observe
-    monitor.observe = lambda acc, epoch, changed=False: flags.append(changed) or observe(acc, epoch, changed)  # type: ignore[method-assign]
+    monitor.observe = lambda acc, epoch, changed=False, removed=1.0: (  # type: ignore[method-assign]
+        flags.append(changed) or observe(acc, epoch, changed, removed)
+    )
     for epoch in range(4):
         if epoch == 2:
             apply_masks_(module, compute_masks(module, 0.99))
@@ -124,6 +126,38 @@ def test_pruning_damage_is_not_catastrophic_overfitting() -> None:
     resumed = RobustnessMonitor()
     resumed.load_state_dict(monitor.state_dict())
     assert resumed.masks_kept == monitor.masks_kept is not None  # a resume does not count as a change
+
+
+def test_a_collapse_during_gradual_pruning_is_still_caught() -> None:
+    """A gradual schedule changes the masks every epoch: a reset at each change would never compare two epochs
+    (the watch was blind there). A small step compares with the previous epoch; a big one still restarts."""
+    from frep_lightning.pruning import apply_masks_, compute_masks
+
+    module = _module()
+    monitor = RobustnessMonitor(n_images=16, steps=1, batch_size=8)
+    seen: list[tuple[bool, float]] = []
+    observe = monitor.observe
+    monitor.observe = lambda acc, epoch, changed=False, removed=1.0: (  # type: ignore[method-assign]
+        seen.append((changed, removed)) or observe(acc, epoch, changed, removed)
+    )
+    total = monitor.masks_kept = _masks_kept(module)
+    assert total is not None
+    for epoch, sparsity in enumerate([0.2, 0.36]):  # kept 80 %, then 64 %: a fifth of the kept each time
+        apply_masks_(module, compute_masks(module, sparsity))
+        monitor.on_train_epoch_end(_trainer(epoch), module)  # type: ignore[arg-type]
+    assert [c for c, _ in seen] == [True, True]
+    assert [round(r, 2) for _, r in seen] == [0.2, 0.2]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        watch = RobustnessMonitor()
+        assert not watch.observe(0.40, 0)
+        assert not watch.observe(0.35, 1, masks_changed=True, removed=0.2)  # a gradual step: a small dip
+        assert watch.observe(0.05, 2, masks_changed=True, removed=0.2)  # collapsed while the masks keep changing
+        assert not watch.observe(0.04, 3, masks_changed=True, removed=0.9)  # a one-shot prune restarts the watch
+        assert not watch.observe(0.30, 4)
+        assert not watch.observe(0.16, 5, masks_changed=True, removed=0.3)  # 0.16 >= 0.5 x 0.30: not a collapse
+    assert [str(w.message).split(":")[0] for w in caught] == ["CATASTROPHIC OVERFITTING suspected at epoch 2"]
 
 
 def test_pruning_after_resuming_a_checkpoint_without_masks_kept_is_not_a_collapse() -> None:

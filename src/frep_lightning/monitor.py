@@ -4,9 +4,11 @@ FGSM-style training can collapse silently: FGSM accuracy keeps rising while PGD 
 ~0 within an epoch. Each epoch this callback measures PGD accuracy of the *live* model on a fixed,
 unaugmented subset of training images (``datamodule.train_subset_loader``), logs it as
 ``train/pgd_subset``, and warns loudly when it falls below ``collapse_ratio`` of its best value
-since the pruning masks last changed: a one-shot prune to 99 % drops robust accuracy too, and that is
-pruning damage, not overfitting (during a gradual schedule, whose masks change every epoch, the
-watch therefore compares each epoch only with itself; LWM trains on PGD-10, which does not collapse).
+since the pruning masks last changed a lot: a one-shot prune to 99 % drops robust accuracy too, and
+that is pruning damage, not overfitting. A prune that removes less than half of the kept weights (a
+step of a gradual schedule, whose masks change every epoch) does not restart the watch: the epoch is
+compared with the one before it, the nearest network, so a collapse during a gradual schedule is
+still caught.
 
 The measurement is a pure function of the weights: eval mode (BatchNorm running statistics neither
 used for batch statistics nor updated), the same PGD random start every epoch from the monitor's own
@@ -28,6 +30,8 @@ from frep_lightning.checks import check_choice, check_int
 from frep_lightning.reparam import kept_per_mask
 
 RANDOM_START_SEED = 0  # the PGD random start: one fixed draw, so epochs differ only by their weights
+# a prune removing at least this fraction of the kept mask entries restarts the watch (its damage is pruning's)
+MAJOR_PRUNE = 0.5
 
 
 def _masks_kept(module: torch.nn.Module) -> int | None:
@@ -68,14 +72,18 @@ class RobustnessMonitor(Callback):
         self.masks_kept: int | None = None  # mask entries kept at the last measurement (None: none seen)
         self._warned_no_loader = False
 
-    def observe(self, acc: float, epoch: int, masks_changed: bool = False) -> bool:
+    def observe(self, acc: float, epoch: int, masks_changed: bool = False, removed: float = 1.0) -> bool:
         """Record one measurement; True when it looks like a collapse (every such epoch is in
         ``collapsed_epochs``), with a loud warning on the first epoch of each collapse only: a run that
         stays collapsed for 50 epochs gets one warning, not 50 that bury it. ``masks_changed``: pruning
-        happened since the last measurement; the best so far belongs to another network and is dropped."""
+        happened since the last measurement, removing the fraction ``removed`` of the kept entries. The best
+        so far belongs to another network: at least :data:`MAJOR_PRUNE` drops it; a smaller step replaces it
+        with the previous measurement (a gradual schedule prunes every epoch, and a reset at each would never
+        compare two epochs)."""
+        previous = self.history[-1] if self.history else 0.0
         self.history.append(acc)
         if masks_changed:
-            self.best, self.collapsed = 0.0, False
+            self.best, self.collapsed = (0.0 if removed >= MAJOR_PRUNE else previous), False
         collapsed = self.best >= self.min_best and acc < self.collapse_ratio * self.best
         self.best = max(self.best, acc)
         if collapsed:
@@ -121,9 +129,10 @@ class RobustnessMonitor(Callback):
         acc = correct / max(total, 1)
         kept = _masks_kept(pl_module)
         masks_changed = self.masks_kept is not None and kept != self.masks_kept
+        removed = 1.0 - (kept or 0) / self.masks_kept if masks_changed and self.masks_kept else 1.0
         self.masks_kept = kept
         pl_module.log("train/pgd_subset", acc, on_epoch=True, sync_dist=True)  # every rank measures the same images
-        self.observe(acc, trainer.current_epoch, masks_changed)
+        self.observe(acc, trainer.current_epoch, masks_changed, removed)
 
     def state_dict(self) -> dict[str, Any]:
         return {
