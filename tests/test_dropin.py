@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torchvision
+from lightning.pytorch.callbacks import EMAWeightAveraging, ModelPruning, StochasticWeightAveraging
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -294,8 +295,50 @@ class Factored(torch.optim.Optimizer):
             AttributeError,
             r"MergeReparameterization\(attr='model'\): in the LightningModule that is no such attribute",
         ),
+        (
+            lambda: SmallModule(),
+            lambda: [TemporalEnsemble(every_n_steps=1), EMAWeightAveraging(decay=0.9)],
+            ValueError,
+            r"TemporalEnsemble cannot share a Trainer with EMAWeightAveraging: .* Use one weight-averaging callback",
+        ),
+        (
+            lambda: SmallModule(),
+            lambda: [StochasticWeightAveraging(swa_lrs=0.01), TemporalEnsemble(every_n_steps=1)],
+            ValueError,
+            r"TemporalEnsemble cannot share a Trainer with StochasticWeightAveraging",
+        ),
+        (
+            lambda: SmallModule(),
+            lambda: [ModelPruning("l1_unstructured", amount=0.5), RobustPruning(0.5, epoch=0)],
+            ValueError,
+            r"RobustPruning cannot share a Trainer with Lightning's ModelPruning",
+        ),
+        (
+            lambda: SmallModule(),
+            lambda: [RobustPruning(0.5, epoch=0), ModelPruning("l1_unstructured", amount=0.5)],
+            ValueError,
+            r"RobustPruning cannot share a Trainer with Lightning's ModelPruning",
+        ),
+        (
+            lambda: SmallModule(),
+            lambda: [ModelPruning("l1_unstructured", amount=0.5), TemporalEnsemble(every_n_steps=1)],
+            ValueError,
+            r"TemporalEnsemble cannot share a Trainer with Lightning's ModelPruning",
+        ),
     ],
-    ids=["no-conv", "no-match", "two-optimizers", "lbfgs", "no-forward", "no-attr"],
+    ids=[
+        "no-conv",
+        "no-match",
+        "two-optimizers",
+        "lbfgs",
+        "no-forward",
+        "no-attr",
+        "ema-beside-ensemble",  # validation swaps out of order: the live weights came back wrong
+        "swa-beside-ensemble",  # both write the module at train end: model.pt was whichever ran last
+        "model-pruning-first",  # failed after the first epoch (weight_orig is not a Parameter)
+        "model-pruning-after",  # pruned biases and BatchNorm γ/β only, silently
+        "model-pruning-ensemble",  # zip() argument 2 is longer than argument 1, after the first epoch
+    ],
 )
 def test_incompatible_setup_fails_before_training(
     tmp_path: Path, module: Any, callbacks: Any, error: type[Exception], match: str
@@ -319,6 +362,32 @@ def test_optimizer_with_unmaskable_state_fails_at_pruning(tmp_path: Path, make_p
     with pytest.raises(ValueError, match=r"Factored state 'row_var' has shape \(4,\) for a parameter of shape"):
         quiet_trainer(tmp_path, [pruning], max_epochs=3).fit(module)
     assert not pruning.pruned and all(bool((p.mask == 1).all()) for _, _, p in iter_masked(module))
+
+
+def test_a_reused_callback_list_prunes_and_averages_every_new_module(tmp_path: Path) -> None:
+    """One callback list for several fits (a seed loop, a notebook re-run): the second module used to be
+    exported dense without a word (the pruned flag stayed set) and its ensemble never updated (the last update
+    step stayed at the first fit's)."""
+    pruning, ensemble = RobustPruning(sparsity=0.5, epoch=1), TemporalEnsemble(every_n_steps=1)
+    callbacks = [pruning, ensemble, MergeReparameterization(dirpath=str(tmp_path), attr="net")]
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        module = SmallModule()
+        quiet_trainer(tmp_path, callbacks, max_epochs=2).fit(module)
+        assert pruning.pruned and pruning.pruned_at_step == 2 and ensemble.n_updates == 4
+        plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 10))
+        plain.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+        weights = [plain[0].weight, plain[2].weight]
+        assert sum(int((w == 0).sum()) for w in weights) == round(0.5 * sum(w.numel() for w in weights))
+
+
+def test_a_second_fit_of_a_pruned_module_keeps_its_pruning(tmp_path: Path) -> None:
+    module, pruning = SmallModule(), RobustPruning(sparsity=0.5, epoch=1)
+    quiet_trainer(tmp_path, [pruning], max_epochs=2).fit(module)
+    masks = [p.mask.clone() for _, _, p in iter_masked(module)]
+    quiet_trainer(tmp_path, [pruning], max_epochs=2).fit(module)  # fine-tuning the pruned module further
+    assert pruning.pruned
+    assert all(torch.equal(a, p.mask) for a, (_, _, p) in zip(masks, iter_masked(module), strict=True))
 
 
 # ---- what a user's own project brings: training limits, model building, loaders, schedules, dtypes ----
@@ -463,6 +532,22 @@ def test_mid_epoch_validation_with_persistent_workers_trains_on_every_batch(tmp_
         trainer.fit(BNModule(loader))
     assert len(seen[0].sums) == 12 and len(set(seen[0].sums)) == 12
     assert seen[1].sums == seen[0].sums  # the same 12 batches, in the same order, with the ensemble on
+
+
+def test_bn_re_estimation_drops_the_last_batch_as_the_users_loader_does(tmp_path: Path) -> None:
+    """A BatchNorm that sees 1x1 maps (torchvision's ResNets on 32x32 images) cannot take a batch of one: users
+    set drop_last=True for it, and the ensemble's BN pass used to feed that last batch anyway (ValueError)."""
+
+    class PooledBN(BNModule):
+        def __init__(self) -> None:
+            super().__init__(lambda train: DataLoader(random_images(9, size=8), batch_size=4, drop_last=train))
+            self.net = nn.Sequential(
+                nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 10)
+            )
+
+    ens = TemporalEnsemble(every_n_steps=1, bn="recompute", bn_batches=5)
+    quiet_trainer(tmp_path, [ens], max_epochs=2).fit(PooledBN())
+    assert ens.n_updates == 4
 
 
 def test_dict_batches_need_inputs_and_work_with_it(tmp_path: Path) -> None:

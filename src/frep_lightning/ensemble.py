@@ -37,7 +37,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
@@ -66,7 +66,7 @@ def _side_loader(loader: Any) -> Any:
     """A loader over ``loader``'s dataset for side passes (BN re-estimation), so that iterating it never
     restarts the training epoch's iterator (``persistent_workers`` share one): same dataset, batch size
     and collate, in the main process; a shuffling loader's side copy shuffles with a fixed seed (resumes
-    and DDP ranks see the same batches), a sequential one stays sequential."""
+    and DDP ranks see the same batches), a sequential one stays sequential; ``drop_last`` is kept."""
     if not isinstance(loader, DataLoader):
         return loader
     dataset = loader.dataset
@@ -83,6 +83,8 @@ def _side_loader(loader: Any) -> Any:
         generator=torch.Generator().manual_seed(0) if shuffle else None,
         collate_fn=loader.collate_fn,
         num_workers=0,
+        # as the user's loader: drop_last there is often what keeps a batch of one out of BatchNorm
+        drop_last=bool(getattr(loader.batch_sampler, "drop_last", loader.drop_last)),
     )
 
 
@@ -161,10 +163,24 @@ class TemporalEnsemble(WeightAveraging):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Let pruning callbacks add their masks first, whatever the callback order, so that the
         averaged copy made here has exactly the live module's structure."""
-        from frep_lightning.pruning import RobustPruning
+        from frep_lightning.pruning import RobustPruning, refuse_model_pruning
 
         if stage == "fit":
+            refuse_model_pruning(trainer, "TemporalEnsemble")
+            others = [
+                type(cb).__name__
+                for cb in trainer.callbacks  # type: ignore[attr-defined]
+                if cb is not self and isinstance(cb, (WeightAveraging, StochasticWeightAveraging))
+            ]
+            if others:
+                raise ValueError(
+                    f"TemporalEnsemble cannot share a Trainer with {', '.join(others)}: each keeps its own averaged "
+                    "copy and writes it into the module when training ends (model.pt would hold whichever ran last), "
+                    "and WeightAveraging callbacks swap their copy in for every validation, out of order with ours, "
+                    "so training would continue from the wrong weights. Use one weight-averaging callback"
+                )
             self._kept = False
+            self.reset_state()
             for cb in trainer.callbacks:  # type: ignore[attr-defined]
                 if isinstance(cb, RobustPruning):
                     cb.setup(trainer, pl_module, stage)
@@ -179,6 +195,17 @@ class TemporalEnsemble(WeightAveraging):
                     "ensemble.bn=copy"
                 )
         super().setup(trainer, pl_module, stage)
+
+    def reset_state(self) -> None:
+        """Start the schedule over with the new averaged copy that each fit makes (a callback reused for another
+        fit would otherwise skip updates up to its old step and keep its widened interval); a resumed run's
+        state is restored after setup."""
+        self._latest_update_step, self._latest_update_epoch = 0, -1
+        self.interval = self.every_n_steps
+        self.lr_at_interval_change = None
+        self.last_tau = None
+        self._bn_fresh, self._bn_masks = True, None
+        self._swapped, self._stash = False, {}
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The interval follows one learning rate: several optimizers are ambiguous, fail now."""

@@ -25,7 +25,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, WeightAveraging
+from lightning.pytorch.callbacks import Callback, ModelPruning, WeightAveraging
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
@@ -171,6 +171,19 @@ def sparsity_report(model_or_state: nn.Module | dict[str, Tensor]) -> dict[str, 
     return {"sparsity": zeros / max(total, 1), "zeros": zeros, "numel": total, "layers": layers}
 
 
+def refuse_model_pruning(trainer: pl.Trainer, who: str) -> None:
+    """Lightning's ``ModelPruning`` beside our callbacks fails late and obscurely, or prunes the wrong tensors:
+    refuse it before training (see the module docstring)."""
+    if any(isinstance(cb, ModelPruning) for cb in getattr(trainer, "callbacks", ())):
+        raise ValueError(
+            f"{who} cannot share a Trainer with Lightning's ModelPruning (torch.nn.utils.prune): it cannot prune the "
+            "weights that frep reparameterizes or masks (it fails at its first pruning, or prunes only biases and "
+            "BatchNorm γ/β), it renames what it prunes to weight_orig, so an averaged copy no longer lines up with "
+            "the module, and it never masks the averaged copy. Remove ModelPruning: RobustPruning (one-shot) or "
+            "GradualPruning (gradual) prunes the live model and the ensemble alike"
+        )
+
+
 def averaged_copies(trainer: pl.Trainer) -> list[nn.Module]:
     """The averaged models of all ``WeightAveraging`` callbacks (same names as the live module)."""
     copies = []
@@ -244,8 +257,15 @@ class RobustPruning(Callback):
                 f"RobustPruning: {type(pl_module).__name__} has no Conv2d/Linear layer to prune matching "
                 f"pruning.include={list(self.include)} / pruning.exclude={list(self.exclude)}{hint}"
             )
+        if stage == "fit":
+            refuse_model_pruning(trainer, type(self).__name__)
         add_masks_(pl_module, self.include, self.exclude)
         self.selected_layers = [n for n, _, _ in iter_masked(pl_module) if n in selected]
+        if stage == "fit" and not any(bool((p.mask == 0).any()) for _, _, p in iter_masked(pl_module)):
+            # An unpruned module: this callback may have pruned another one in an earlier fit (a reused callback
+            # list); its "pruned" flag would skip pruning this one and export it dense. A resumed run's state is
+            # restored after setup, a module already pruned (a second fit of the same one) keeps it.
+            self.reset_state()
         if self.mode == "structured":
             self.selected_layers = without_classifier(pl_module, self.selected_layers, self._say_once)
         for hook in self._hooks:  # setup can run twice (TemporalEnsemble calls it first)
@@ -259,6 +279,11 @@ class RobustPruning(Callback):
                 f"RobustPruning: pruned channels are removed: their bias and the γ/β of {norms} BatchNorm layer(s) "
                 "reading them are held at zero"
             )
+
+    def reset_state(self) -> None:
+        """Forget any earlier fit's pruning (the state that :meth:`state_dict` saves)."""
+        self.pruned = False
+        self.pruned_at_step = None
 
     def _say_once(self, message: str) -> None:
         if message not in self._said:
