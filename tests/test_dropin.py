@@ -399,15 +399,23 @@ def test_max_steps_before_the_pruning_epoch_fails_before_training(tmp_path: Path
     assert steps.n == 0
 
 
-def test_training_stopped_before_pruning_says_the_model_is_dense(tmp_path: Path) -> None:
+def test_training_stopped_before_pruning_says_what_the_model_keeps(tmp_path: Path) -> None:
     class StopNow(pl.Callback):
         def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             trainer.should_stop = True  # early stopping, max_time, ... before epoch 2
 
     pruning = RobustPruning(sparsity=0.5, epoch=2)
-    with pytest.warns(UserWarning, match=r"before pruning\.epoch=2: the model was NOT pruned and is dense"):
-        quiet_trainer(tmp_path, [pruning, StopNow()], max_epochs=4).fit(SmallModule())
+    module = SmallModule()
+    with pytest.warns(UserWarning, match=r"epoch=2, so this fit did not prune: the model was NOT pruned"):
+        quiet_trainer(tmp_path, [pruning, StopNow()], max_epochs=4).fit(module)
     assert not pruning.pruned
+    # a new callback fine-tuning an already pruned module: its masks stay, and the warning does not call it dense
+    masks = [p.mask for _, _, p in iter_masked(module)]
+    for m in masks:
+        m.view(-1)[: m.numel() // 2] = 0
+    share = sum(int((m == 0).sum()) for m in masks) / sum(m.numel() for m in masks)
+    with pytest.warns(UserWarning, match=rf"did not prune: the masks it came with stay \({share:.4f} of the masked"):
+        quiet_trainer(tmp_path, [RobustPruning(sparsity=0.5, epoch=2), StopNow()], max_epochs=4).fit(module)
 
 
 class LateNet(SmallModule):

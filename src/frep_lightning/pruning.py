@@ -337,9 +337,16 @@ class RobustPruning(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Training that stopped before the pruning epoch (max_time, early stopping, ...) says so loudly."""
         if not self.pruned:
+            masks = [p.mask for _, _, p in iter_masked(pl_module)]
+            zeros, total = sum(int((m == 0).sum()) for m in masks), sum(m.numel() for m in masks)
+            kept = (
+                f"the masks it came with stay ({zeros / max(total, 1):.4f} of the masked weights pruned)"
+                if zeros
+                else "the model was NOT pruned and is dense"
+            )
             rank_zero_warn(
-                f"RobustPruning: training ended at epoch {trainer.current_epoch}, before pruning.epoch={self.epoch}: "
-                "the model was NOT pruned and is dense"
+                f"RobustPruning: training ended at epoch {trainer.current_epoch}, before pruning.epoch={self.epoch}, "
+                f"so this fit did not prune: {kept}"
             )
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
