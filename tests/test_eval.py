@@ -1036,3 +1036,16 @@ def test_width_hint_names_the_class_count_when_the_config_has_another(tmp_path: 
     )
     with pytest.raises(ValueError, match=r"it fits model\.width=4 with 10 classes \(data\.name\): pass"):
         load_model(tmp_path / "model.pt", None, model_cfg)
+
+
+def test_a_model_that_does_not_fit_its_file_is_a_config_error_without_traceback(
+    tiny_run: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """``frep-eval ckpt=<run> model.width=8`` on a width-4 run: the message (it names model.width) is the whole
+    output, as for every other bad ckpt=/key, not the end of a Hydra traceback."""
+    from frep_lightning.config import exit_on_config_error
+
+    run_dir, _ = tiny_run
+    cfg = _eval_cfg(f"ckpt={run_dir}", "attacks=[clean]", "model.width=8", f"output={tmp_path / 'eval.json'}")
+    with pytest.raises(SystemExit, match=r"^frep-eval: ckpt=.* is not a model of ours \(its tensor shapes do not fit"):
+        exit_on_config_error("frep-eval", lambda: run(cfg), (ConfigError, FileNotFoundError))  # as eval.main does

@@ -715,3 +715,51 @@ def test_eps_text() -> None:
         "0.031",
         "?",
     ]
+
+
+def test_a_sweep_rerun_beside_the_first_one_is_not_a_second_seed(tmp_path: Path) -> None:
+    """A sweep killed and re-run into a new directory, reported over both: a job that finished in both is one run
+    done twice (same config, same seed), not two seeds; the latest counts, the repeat is listed, real seeds
+    still average."""
+    import os
+
+    for name, pgd in (("first", 0.40), ("rerun", 0.44)):
+        sweep = tmp_path / name
+        sweep.mkdir()
+        params = {"hydra": {"sweeper": {"params": {"method": "frep"}}, "overrides": {"task": ["seed=0"]}}}
+        OmegaConf.save(OmegaConf.create(params), sweep / "multirun.yaml")
+        summary = {"clean_acc": 0.8, "pgd_acc": pgd, "seed": 0}
+        write_run(sweep / "0-frep", ["method=frep", "seed=0"], "frep", 0.9, summary=summary)
+        stamp = 1_000_000 + (100 if name == "rerun" else 0)
+        os.utime(sweep / "0-frep" / "summary.json", (stamp, stamp))
+    write_run(tmp_path / "seed1", ["method=frep", "seed=1"], "frep", 0.9, {"clean_acc": 0.8, "pgd_acc": 0.5, "seed": 1})
+    report = write_report([tmp_path / "first", tmp_path / "rerun", tmp_path / "seed1"], tmp_path / "out").read_text()
+    assert _row(report, "frep")["PGD-10"] == "47.0 ± 4.2 (n=2)"  # the rerun's 44 and seed 1's 50, not 40/44/50
+    repeats = report.split("### Repeated runs", 1)[1].split("##", 1)[0]
+    assert f"`{tmp_path / 'first' / '0-frep'}` repeats `{tmp_path / 'rerun' / '0-frep'}`" in repeats
+
+
+def test_an_eval_of_a_checkpoint_written_beside_it_is_listed_not_skipped(tmp_path: Path) -> None:
+    """``frep-eval ckpt=<run>/checkpoints/last.ckpt`` (README) writes ``checkpoints/eval.json``, where the report
+    never looks: it must say so, not leave the run's table row silently without those numbers."""
+    write_run(tmp_path / "r", ["seed=0"], "frep", 0.9, summary={"clean_acc": 0.8, "pgd_acc": 0.4})
+    (tmp_path / "r" / "checkpoints").mkdir()
+    (tmp_path / "r" / "checkpoints" / "eval.json").write_text(json.dumps({"clean": 0.8, "aa": 0.3, "n": 100}))
+    missing = write_report([tmp_path / "r"], tmp_path / "out").read_text().split("## Missing", 1)[1]
+    assert f"- file: {tmp_path / 'r' / 'checkpoints' / 'eval.json'}: an evaluation of a checkpoint" in missing
+
+
+def test_a_dense_method_of_a_sparsity_grid_is_one_run_not_two_seeds(tmp_path: Path) -> None:
+    """README: ``-m method=dense_at,frep ++pruning.sparsity=0.9,0.99`` trains dense_at twice, identically (no
+    pruning, same seed): its row is one run, not "± 0.0 (n=2)"."""
+    sweep = tmp_path / "sw"
+    sweep.mkdir()
+    params = {"method": "dense_at,frep", "++pruning.sparsity": "0.9,0.99"}
+    OmegaConf.save(OmegaConf.create({"hydra": {"sweeper": {"params": params}, "overrides": {"task": []}}}),
+                   sweep / "multirun.yaml")  # fmt: skip
+    for i, target in enumerate(("0.9", "0.99")):
+        write_run(sweep / f"{i}-dense_at", ["method=dense_at", f"++pruning.sparsity={target}"], "dense_at", None,
+                  summary={"clean_acc": 0.8, "pgd_acc": 0.4, "seed": 0})  # fmt: skip
+    report = write_report([sweep], tmp_path / "out").read_text()
+    assert _row(report, "dense_at")["PGD-10"] == "40.0"
+    assert "### Repeated runs" in report

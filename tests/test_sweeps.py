@@ -222,6 +222,86 @@ def test_check_sweep_validates_every_job_of_a_table_before_launch(capsys: pytest
     assert multirun_jobs(other) is None  # another sweeper searches on its own: not second-guessed
 
 
+def _check_sweep(tmp_path: Path, experiment: str, *command_line: str, launcher: str | None = None) -> None:
+    """CheckSweep.on_multirun_start on the config Hydra hands it for ``-m experiment=... <command_line>``."""
+    from frep_lightning.sweep import CheckSweep
+
+    cfg = cfg_for(f"experiment={experiment}", hydra=True)
+    cfg.hydra.overrides.task = [f"experiment={experiment}", *command_line]
+    if launcher is not None:
+        cfg.hydra.launcher = {"_target_": launcher}
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        CheckSweep().on_multirun_start(config=cfg, config_name="train")
+
+
+def test_check_sweep_refuses_jobs_that_compose_the_same_config(tmp_path: Path, pack_root: Path) -> None:
+    """table4 sweeps ``++pruning.sparsity``; narrowing it with ``pruning.sparsity=0.9`` keeps both overrides in
+    every job (the later wins): 9 jobs, 3 configs, each trained 3 times and averaged as "seeds" by frep-report.
+    Refused before launch, naming the spelling that narrows the grid; ``++pruning.sparsity=0.9`` narrows it."""
+    root = f"data.root={pack_root}"
+    with pytest.raises(SystemExit, match=r"6 of the 9 sweep jobs") as err:
+        _check_sweep(tmp_path, "table4", "data=cifar10", root, "pruning.sparsity=0.9")
+    assert "job 3 (" in str(err.value) and "the same config as job 0" in str(err.value)
+    assert "narrow a grid with its own spelling, ++pruning.sparsity=..." in str(err.value)
+    _check_sweep(tmp_path, "table4", "data=cifar10", root, "++pruning.sparsity=0.9")  # 3 distinct jobs: valid
+
+
+def test_check_sweep_says_when_a_dense_method_repeats_across_a_sparsity_grid(
+    tmp_path: Path, pack_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """README: ``method=dense_at,frep ++pruning.sparsity=0.9,0.99`` trains dense_at twice, identically; valid (the
+    README's way to mix them), but said before launch."""
+    with caplog.at_level("WARNING", logger="frep_lightning"):
+        _check_sweep(tmp_path, "table2", "model=resnet18", f"data.root={pack_root}", "method=dense_at,frep",
+                     "++pruning.sparsity=0.9,0.99")  # fmt: skip
+    assert "job 1 trains the same dense network as job 0" in caplog.text
+    assert "job 3 trains the same" not in caplog.text  # frep at 99% is not frep at 90%
+
+
+def test_check_sweep_finds_missing_data_and_composition_errors_per_job(tmp_path: Path, pack_root: Path) -> None:
+    """A grid value whose dataset is not under data.root, or whose group lacks an overridden key, stops the sweep
+    before its first job (not after the other jobs trained), naming the job; a SLURM sweep's data.root may be a
+    path of the compute nodes only, so it is not looked up there."""
+    (tmp_path / "pack").mkdir()
+    (tmp_path / "pack" / "cifar10").symlink_to(pack_root / "cifar10")  # cifar10 only, whatever the pack holds
+    root = f"data.root={tmp_path / 'pack'}"
+    with pytest.raises(SystemExit, match=r"1 of the 2 sweep jobs") as err:
+        _check_sweep(tmp_path, "table2", "model=resnet18", "method=frep", root, "data=cifar10,svhn")
+    assert "job 1 (" in str(err.value) and "no svhn data found" in str(err.value)
+    slurm = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    _check_sweep(tmp_path, "table2", "model=resnet18", "method=frep", f"data.root={tmp_path}", launcher=slurm)
+    with pytest.raises(SystemExit, match=r"1 of the 2 sweep jobs") as err:
+        _check_sweep(tmp_path, "table2", "model=resnet18", "method=frep", root, "ensemble=temporal,none",
+                     "ensemble.tau0=0.99")  # fmt: skip
+    assert "job 1 (" in str(err.value) and "Could not override 'ensemble.tau0'" in str(err.value)
+
+
+def test_check_sweep_refuses_to_run_a_job_over_another_jobs_run(tmp_path: Path, pack_root: Path) -> None:
+    """``seed=0,1`` killed after seed 0, then ``seed=1`` re-run into the same hydra.sweep.dir: job 0 (seed 1) would
+    write into ``0-frep-...`` over seed 0's finished run (run names do not carry the seed) and continue its
+    metrics.csv. Refused before launch; re-running the same job list there is allowed."""
+    from frep_lightning.sweep import CheckSweep
+
+    sweep_dir = tmp_path / "sw"
+    common = ["experiment=smoke", f"data.root={pack_root}"]
+    done = sweep_dir / "0-frep-resnet18-cifar10-s0.9"
+    (done / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create([*common, "seed=0"]), done / ".hydra" / "overrides.yaml")
+    (done / "summary.json").write_text("{}")
+
+    def check(*command_line: str) -> None:
+        cfg = cfg_for(*common, hydra=True)
+        cfg.hydra.overrides.task = [*common, *command_line]
+        cfg.hydra.sweep.dir = str(sweep_dir)
+        with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+            CheckSweep().on_multirun_start(config=cfg, config_name="train")
+
+    with pytest.raises(SystemExit, match=r"1 of the 1 sweep jobs") as err:
+        check("seed=1")
+    assert f"its directory {done} holds the summary.json of another job (seed=0 there, seed=1 here)" in str(err.value)
+    check("seed=0,1")  # the same job list again: each job finds its own run
+
+
 def test_bad_value_in_a_sweep_fails_before_the_first_job(tmp_path: Path, pack_root: Path) -> None:
     cmd = [sys.executable, "-m", "frep_lightning.train", "-m", "experiment=smoke", f"data.root={pack_root}",
            "logger=none", "pruning.sparsity=0.9,1.5", f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip

@@ -94,8 +94,9 @@ def _merge_overrides(base: DictConfig | None, overrides: Mapping[str, Any] | Non
 
 
 # -- loading ---------------------------------------------------------------------------------
-def _not_ours(path: Path, why: str) -> ValueError:
-    return ValueError(
+def _not_ours(path: Path, why: str) -> ConfigError:
+    """A ``ckpt=`` (or ``model.*`` override) that does not fit: said as a config error, without a traceback."""
+    return ConfigError(
         f"ckpt={str(path)!r} is not a model of ours ({why}); expected a model.pt written by frep-train "
         "(a plain state_dict) or a Lightning checkpoint of the FReP module (checkpoints/last.ckpt)"
     )

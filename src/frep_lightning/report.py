@@ -158,6 +158,8 @@ class Run:
     extra_evals: dict[str, dict[str, Any]] = field(default_factory=dict)
     overrides: list[str] = field(default_factory=list)
     variant_keys: tuple[str, ...] = ()
+    # frep-eval ckpt=<run>/checkpoints/last.ckpt writes its eval.json there: of a checkpoint, not of model.pt
+    checkpoint_evals: list[Path] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -220,6 +222,21 @@ class Run:
         if not isinstance(macs, list) or len(macs) != 2 or not all(isinstance(m, int) for m in macs) or macs[0] <= 0:
             return None
         return macs[1] / macs[0]
+
+    @property
+    def seed(self) -> str | None:
+        """The run's seed (summary.json, else the config, else a ``seed=`` override); ``None`` if unknown."""
+        for value in (self.summary.get("seed") if self.summary else None, _select(self.config, "seed")):
+            if value is not None:
+                return str(value)
+        given = {_override_key(o): _override_value(o) for o in self.overrides}
+        return given.get("seed")
+
+    @property
+    def finished_at(self) -> float:
+        """When the run's results were written (the newest of summary.json / eval.json), 0 without them."""
+        times = [p.stat().st_mtime for p in (self.path / "summary.json", self.path / "eval.json") if p.is_file()]
+        return max(times, default=0.0)
 
     @property
     def label(self) -> str:
@@ -401,6 +418,7 @@ def load_run(path: Path) -> Run:
         evaluation=_load_json(path / "eval.json"),
         extra_evals={name: e for name, e in extra.items() if e is not None},
         overrides=[str(o) for o in (OmegaConf.to_container(overrides) if overrides is not None else [])],
+        checkpoint_evals=sorted((path / "checkpoints").glob("eval*.json")),
     )
 
 
@@ -530,13 +548,38 @@ def _fmt(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f} (n={len(values)})"
 
 
-def grouped(runs: Sequence[Run]) -> dict[tuple[str, str], dict[tuple[float, str], list[Run]]]:
-    """(dataset, model) -> (sparsity target, label) -> finished runs (several: seeds)."""
+def _rows(runs: Sequence[Run]) -> dict[tuple[str, str], dict[tuple[float, str], list[Run]]]:
     groups: dict[tuple[str, str], dict[tuple[float, str], list[Run]]] = defaultdict(lambda: defaultdict(list))
     for run in runs:
         if run.done:
             groups[(run.dataset, run.model)][(run.sparsity_target, run.label)].append(run)
     return groups
+
+
+def _split_repeats(runs: Sequence[Run]) -> tuple[list[Run], list[tuple[Run, Run]]]:
+    """Runs of one row with the same seed are one run done twice (a sweep re-run after a kill, reported beside
+    the first one), not seeds: the latest counts. Returns (the runs that count, [(repeat, the one that counts)])."""
+    latest: dict[str, Run] = {}
+    for run in runs:
+        if run.seed is not None and (run.seed not in latest or run.finished_at > latest[run.seed].finished_at):
+            latest[run.seed] = run
+    kept = [r for r in runs if r.seed is None or latest[r.seed] is r]
+    return kept, [(r, latest[r.seed]) for r in runs if r.seed is not None and latest[r.seed] is not r]
+
+
+def grouped(runs: Sequence[Run]) -> dict[tuple[str, str], dict[tuple[float, str], list[Run]]]:
+    """(dataset, model) -> (sparsity target, label) -> finished runs (several: seeds; a repeat of a seed counts
+    once, see :func:`repeated_runs`)."""
+    groups = _rows(runs)
+    for rows in groups.values():
+        for key, rs in rows.items():
+            rows[key] = _split_repeats(rs)[0]
+    return groups
+
+
+def repeated_runs(runs: Sequence[Run]) -> list[tuple[Run, Run]]:
+    """(repeat, the run that counts instead) for every finished run left out of the tables as a repeat."""
+    return [pair for rows in _rows(runs).values() for rs in rows.values() for pair in _split_repeats(rs)[1]]
 
 
 def _cell(numbers: Sequence[Number], runs: int, tag_eps: bool) -> str:
@@ -819,8 +862,9 @@ def figure_training_curves(runs: Sequence[Run], out: Path) -> tuple[list[str], l
     plt = _pyplot()
     files, missing = [], []
     by_group: dict[tuple[str, str, float], list[tuple[str, dict[str, list[tuple[float, float]]]]]] = defaultdict(list)
+    repeats = {repeat.path for repeat, _ in repeated_runs(runs)}
     for run in runs:
-        if not run.done:
+        if not run.done or run.path in repeats:
             continue
         paths = run.metrics_csvs()
         if not paths:
@@ -918,6 +962,13 @@ def write_report(paths: Sequence[str | Path], out: str | Path, title: str = "fre
     lines.append("## Tables")
     for (dataset, model), rows in sorted(grouped(runs).items()):
         lines += ["", f"### {_pretty(model)} / {_pretty(dataset)}", "", table_markdown(rows)]
+    repeats = repeated_runs(runs)
+    if repeats:  # the same configuration and seed twice: averaging them would pass one run off as several seeds
+        lines += ["", "### Repeated runs", ""] + [
+            f"- `{repeat.path}` repeats `{kept.path}` (same table row, same seed {kept.seed}): only the latest, "
+            f"`{kept.path.parent.name}/{kept.path.name}`, is in the tables"
+            for repeat, kept in repeats
+        ]
     warnings = [
         (f"{r.path.parent.name}/{r.path.name}", w if file == "eval.json" else f"{file}: {w}")
         for r in finished
@@ -994,6 +1045,13 @@ def write_report(paths: Sequence[str | Path], out: str | Path, title: str = "fre
     for run in runs:
         if not run.done and run.path not in listed:
             lines.append(f"- run `{run.path}`: no summary.json / eval.json (failed or still running)")
+            any_missing = True
+    for run in runs:  # not read: the tables are of model.pt, and a checkpoint may be from mid-training
+        for path in run.checkpoint_evals:
+            lines.append(
+                f"- file: {path}: an evaluation of a checkpoint, not in the tables (to use it, evaluate the run "
+                f"directory, or pass output={run.path}/eval_<name>.json)"
+            )
             any_missing = True
     for item in missing_files:
         lines.append(f"- file: {item}")

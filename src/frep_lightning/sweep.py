@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback as HydraCallback
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 log = logging.getLogger("frep_lightning")
 
@@ -215,22 +215,47 @@ class CheckSweep(HydraCallback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra import compose
+        from hydra.errors import ConfigCompositionException
 
-        from frep_lightning.config import ConfigError, schedule_warnings, validate_train_config
+        from frep_lightning.config import ConfigError, enabled, schedule_warnings, validate_train_config
 
         jobs = multirun_jobs(config)
         name = kwargs.get("config_name") or "train"
         if not jobs or name != "train":
             return
+        # jobs of a local launcher read the data here; a SLURM job's data.root may be a path of its node only
+        local = "submitit" not in str(OmegaConf.select(config, "hydra.launcher._target_", default=""))
         problems, warnings = [], []
+        composed: dict[str, int] = {}  # config (as YAML) -> first job that composes it
         for num, job in enumerate(jobs):
             try:
                 cfg = compose(config_name=name, overrides=job)
-                validate_train_config(cfg)
+                validate_train_config(cfg, check_data=local)
             except ConfigError as err:
                 problems.append(f"job {num} ({' '.join(job)}): {str(err).split(chr(10), 1)[-1].strip()}")
                 continue
+            except ConfigCompositionException as err:  # e.g. an override of a key that one grid value lacks
+                problems.append(f"job {num} ({' '.join(job)}): {' '.join(str(err).split())}")
+                continue
+            same = composed.setdefault(OmegaConf.to_yaml(cfg), num)
+            if same != num:  # e.g. pruning.sparsity=0.9 after a grid's ++pruning.sparsity: the grid collapses
+                problems.append(
+                    f"job {num} ({' '.join(job)}): the same config as job {same}: a later override replaced a "
+                    f"swept value{duplicate_key_hint(job)}"
+                )
+                continue
+            if not enabled(cfg.get("pruning")):  # a dense method in a ++pruning.sparsity grid: the target is unused
+                dense = OmegaConf.to_yaml(OmegaConf.merge(cfg, {"pruning": None}))
+                same = composed.setdefault(f"dense:{dense}", num)
+                if same != num:
+                    warnings.append(
+                        f"job {num} trains the same dense network as job {same} (it prunes nothing, so "
+                        "pruning.sparsity does not apply); frep-report counts one of them"
+                    )
             warnings += [f"job {num}: {w}" for w in schedule_warnings(cfg)]
+            clash = occupied_job_dir(config, job, num, name)
+            if clash:
+                problems.append(f"job {num} ({' '.join(job)}): {clash}")
         if problems:  # SystemExit: Hydra turns a callback's exceptions into warnings and launches anyway
             raise SystemExit(
                 f"ConfigError: {len(problems)} of the {len(jobs)} sweep jobs have an invalid config; nothing was "
@@ -244,6 +269,59 @@ class CheckSweep(HydraCallback):
             for num, job in enumerate(jobs):
                 print(f"  {num}: {' '.join(job)}")
             raise SystemExit(0)
+
+
+def occupied_job_dir(config: DictConfig, job: Sequence[str], num: int, config_name: str) -> str | None:
+    """Why job ``num`` must not start: its directory in an existing sweep directory holds a run of other
+    overrides (a sweep re-run there with another job list: job numbers, and so directories, move onto other
+    jobs' runs, whose files the new job would overwrite and whose metrics.csv it would continue); ``None`` if free.
+    """
+    from hydra import compose
+
+    from frep_lightning.report import job_key
+
+    sweep_dir = OmegaConf.select(config, "hydra.sweep.dir", throw_on_resolution_failure=False)
+    if sweep_dir is None or not Path(str(sweep_dir)).is_dir():
+        return None
+    subdir_pattern = OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir")  # type: ignore[union-attr]
+    cfg = compose(config_name=config_name, overrides=list(job), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.job.num = num
+        cfg.hydra.job.id = num
+        cfg.hydra.sweep.subdir = subdir_pattern
+    try:  # the default ${hydra.job.num}-${run_name}; a pattern that cannot be resolved here is not checked
+        job_dir = Path(str(sweep_dir)) / str(OmegaConf.select(cfg, "hydra.sweep.subdir"))
+    except Exception:
+        return None
+    overrides_file = job_dir / ".hydra" / "overrides.yaml"
+    results = [n for n in ("summary.json", "model.pt", "checkpoints/last.ckpt") if (job_dir / n).is_file()]
+    if not results or not overrides_file.is_file():
+        return None
+    try:
+        old = [str(o) for o in OmegaConf.load(overrides_file)]  # type: ignore[union-attr]
+    except Exception:  # unreadable: whose run it is cannot be told
+        old = []
+    if job_key(old) == job_key(job):
+        return None  # this job's own earlier run (re-running the same sweep redoes it)
+    theirs, mine = sorted(job_key(old) - job_key(job)), sorted(job_key(job) - job_key(old))
+    return (
+        f"its directory {job_dir} holds the {', '.join(results)} of another job ({' '.join(theirs) or '-'} there, "
+        f"{' '.join(mine) or '-'} here), which it would overwrite: give this sweep a new hydra.sweep.dir "
+        "(frep-report reads several), or re-run the same job list there"
+    )
+
+
+def duplicate_key_hint(job: Sequence[str]) -> str:
+    """`` (<key> is given as ...)`` for a key that a job's overrides set under two spellings (``++key=`` of a
+    grid and ``key=`` of the command line: Hydra's sweeper keeps both, the later wins), else ``""``."""
+    spellings: dict[str, list[str]] = {}
+    for override in job:
+        key = override.split("=", 1)[0]
+        spellings.setdefault(key.lstrip("+~"), []).append(key)
+    for key, given in spellings.items():
+        if len(given) > 1:
+            return f" ({key} is given as {' and '.join(given)}; narrow a grid with its own spelling, {given[0]}=...)"
+    return ""
 
 
 def sweep_jobs(devices: Any = "auto", devices_per_job: int = 1, jobs_per_device: int = 1) -> int:
