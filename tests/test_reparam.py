@@ -84,6 +84,23 @@ def test_hadamard_inits_follow_the_paper() -> None:
             assert (w1 * w2).abs().median() < 0.2 * w0.abs().median()
 
 
+@pytest.mark.parametrize("init", ["random", "equal", "sqrt"])
+def test_zero_initialised_layer_still_trains(init: str) -> None:
+    # torchvision's VisionTransformer zero-initialises its head: W1 = W2 = 0 would get no gradient, nor
+    # would any layer before it (the paper's factors are "randomly initialized")
+    torch.manual_seed(0)
+    head = nn.Linear(8, 3)
+    nn.init.zeros_(head.weight)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), head)
+    reparameterize_(net, "hadamard", init, seed=0)
+    if init == "sqrt":  # keeps the function of the given weights
+        assert torch.equal(head.weight, torch.zeros_like(head.weight))
+    nn.functional.cross_entropy(net(torch.randn(5, 4)), torch.tensor([0, 1, 2, 0, 1])).backward()
+    assert factors(head)[0].grad is not None and factors(head)[0].grad.abs().sum() > 0
+    if init != "sqrt":
+        assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in factors(net[0]))
+
+
 def test_channel_factor_shapes_and_identity_init() -> None:
     conv = nn.Conv2d(4, 6, 3)
     w0 = conv.weight.detach().clone()

@@ -130,6 +130,16 @@ def _init_factors(module: nn.Module, w0: Tensor, kind: str, init: str, generator
     FReP-CH: W2 = ``w0`` and M is random (``nn.Linear(D, D)``'s init) or the identity (``ones``)."""
     first, second = factors(module)
     with torch.no_grad():
+        if kind == "hadamard" and init != "ones" and not bool(w0.any()):
+            # A zero-initialised layer (torchvision's ViT head): W1 = W2 = 0 is a saddle of W1*W2 where neither
+            # factor ever gets a gradient, and no layer before it either. Draw from the Conv2d/Linear default
+            # init instead; ``sqrt`` keeps W = 0 (W1 = 0, W2 = |draw|) and still trains.
+            drawn = nn.init.kaiming_uniform_(torch.empty(w0.shape), a=math.sqrt(5), generator=generator).to(w0)
+            if init == "sqrt":
+                first.zero_()
+                second.copy_(drawn.abs())
+                return
+            w0 = drawn
         if kind == "hadamard":
             first.copy_(w0)
             if init == "random":
