@@ -259,7 +259,15 @@ def check_checkpoint_contents(ckpt: dict[str, Any], step: int) -> None:
     # the training loader's position: (epoch, batches of it already trained on)
     epoch, batches = {2: (0, 2), 3: (1, 1), 5: (2, 1)}[step]
     (position,) = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"]
-    assert position == {"epoch": epoch, "batches": batches, "order": "epoch_seeded", "batch_size": 4, "num_replicas": 1}
+    assert position == {
+        "epoch": epoch,
+        "batches": batches,
+        "order": "epoch_seeded",
+        "batch_size": 4,
+        "num_replicas": 1,
+        "seed": 0,
+        "n": 8,
+    }
 
 
 # ---- the training loader alone: every kill point of a run, cheaply ---------------------------------
@@ -387,6 +395,67 @@ def test_cpu_loader_state_saved_after_an_epochs_last_batch_resumes_at_the_next_e
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
 
 
+@pytest.mark.parametrize("on_device", [False, True])
+def test_mid_epoch_resume_with_another_seed_or_training_set_is_refused(on_device: bool) -> None:
+    """The shuffle of an epoch is seeded by (seed, epoch) over the whole training set: resumed mid-epoch with
+    another seed or another number of images, the rest of the epoch would come from another permutation
+    (images trained twice, others skipped), as with another batch size. At an epoch start both may change."""
+    saved = {"epoch": 1, "batches": 1, **synthetic_datamodule(on_device).train_dataloader().position_key()}
+    other_seed = synthetic_datamodule(on_device)
+    other_seed.seed = 4
+    bigger = synthetic_datamodule(on_device)
+    g = torch.Generator().manual_seed(1)
+    bigger._train = (torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=g), torch.arange(16) % 10)
+    for dm, key in ((other_seed, "seed (shuffle order): 3 -> 4"), (bigger, "training images (data.n_train): 12 -> 16")):
+        loader = dm.train_dataloader()
+        with pytest.raises(ValueError, match=rf"saved mid-epoch \(epoch 1, after 1 batch\).*{re.escape(key)}"):
+            loader.load_state_dict(saved)
+        loader.load_state_dict({**saved, "batches": 0})
+
+
+def test_resume_with_another_seed_objective_or_optimizer_is_refused(
+    pack_root: Path, cache_dir: Path, tmp_path: Path
+) -> None:
+    """A resume restores the optimizer and LR schedule from the checkpoint: another optim.* would be ignored
+    while the run's config.yaml records it. Another seed or objective would give a summary.json naming a run
+    that never was. All are refused before anything is read, like another model or pruning target."""
+    cfg = tiny_cfg(pack_root, cache_dir, tmp_path / "run")
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}, "callbacks": {"RunRecord": train_module.run_record(cfg)}}, ckpt)
+    train_module.check_resume(tiny_cfg(pack_root, cache_dir, tmp_path / "x", f"ckpt_path={ckpt}"))  # same run
+    refused = {
+        "optim.lr=0.01": "optim.lr: 0.1 -> 0.01",
+        "optim.milestones=[1]": "optim.milestones: [2] -> [1]",
+        "optim.momentum=0": "optim.momentum: 0.9 -> 0.0",
+        "seed=1": "seed: 0 -> 1",
+        "objective=trades": "objective: 'SRE' -> 'TRADES'",
+    }
+    for extra, differs in refused.items():
+        with pytest.raises(ConfigError, match=re.escape(differs)):
+            train_module.check_resume(tiny_cfg(pack_root, cache_dir, tmp_path / "x", f"ckpt_path={ckpt}", extra))
+    # the record holds plain values only: it loads with weights_only=True
+    assert torch.load(ckpt, weights_only=True)["callbacks"]["RunRecord"]["optim.milestones"] == [2]
+
+
+def test_sigterm_during_fit_ends_the_process_with_a_failure_status(tmp_path: Path) -> None:
+    """Lightning turns SIGTERM into SIGTERMException, a SystemExit without a code: frep-train ended with
+    status 0 and no model.pt or summary.json, so a scheduler or a sweep took the run as done."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    class Terminated:
+        def fit(self, *args: Any, **kwargs: Any) -> None:
+            raise SIGTERMException
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    with pytest.raises(SystemExit) as info:
+        cfg = OmegaConf.create({"ckpt_path": None})
+        train_module.fit(Terminated(), None, None, cfg, tmp_path)  # type: ignore[arg-type]
+    message = info.value.code
+    assert isinstance(message, str) and "stopped by SIGTERM" in message  # a message: exit status 1
+    assert f"resume with ckpt_path={tmp_path / 'checkpoints' / 'last.ckpt'}" in message
+
+
 def test_partial_writes_of_a_killed_save_are_cleaned_up(tmp_path: Path) -> None:
     """A kill mid-write leaves a checkpoint-sized temp file: a resume into the same directory deletes it,
     a resume into a new one names the files beside the resumed checkpoint (that run may still be writing)."""
@@ -443,6 +512,22 @@ def test_model_pt_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
             save_state_dict({"w": torch.zeros(2)}, path)
     assert os.listdir(tmp_path) == ["model.pt"]
     assert torch.equal(load_state_dict_file(path)["w"], torch.ones(2))
+
+
+def test_partial_model_pt_writes_of_a_killed_export_are_cleaned_up(tmp_path: Path) -> None:
+    """SIGKILL during the export leaves a model-sized ``.model.pt.<hex>.tmp`` beside the run's files; a resume
+    into the same directory deletes it (as LastCheckpoint does for its own), and nothing else."""
+    from types import SimpleNamespace
+
+    from frep_lightning.export import MergeReparameterization
+
+    (tmp_path / ".model.pt.0123456789ab.tmp").write_bytes(b"partial")
+    keep = [tmp_path / ".summary.json.0123456789ab.tmp", tmp_path / "model.pt.bak"]
+    for path in keep:
+        path.write_bytes(b"x")
+    export = MergeReparameterization(dirpath=str(tmp_path))
+    export.on_fit_start(SimpleNamespace(is_global_zero=True, default_root_dir=str(tmp_path)), None)  # type: ignore[arg-type]
+    assert sorted(tmp_path.iterdir()) == sorted(keep)
 
 
 def test_atomic_write_syncs_the_file_then_the_directory_after_the_rename(

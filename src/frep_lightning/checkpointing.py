@@ -121,7 +121,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise NonFiniteStateError(
                 f"refusing to write checkpoint {path}: non-finite values in {', '.join(bad[:5])}"
                 f"{' and more' if len(bad) > 5 else ''} (step {checkpoint.get('global_step')}). The file on disk "
-                "is the last good checkpoint; resume from it with a lower optim.lr."
+                "is the last good checkpoint. A resume restores its optimizer and LR schedule (another optim.lr "
+                "is refused): to train with a lower optim.lr, start a new run."
             )
         checkpoint = compact_masks(checkpoint)
         if not _is_local_file_protocol(path):

@@ -164,6 +164,17 @@ class MergeReparameterization(Callback):
         if stage == "fit":
             self.target(pl_module)  # fail before training, not after it
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Delete the temp files of a write of this file that a kill interrupted (a resume into the same
+        directory): each is as big as the model, none was ever the file itself (atomic rename)."""
+        directory = Path(self.dirpath or trainer.default_root_dir)
+        if trainer.is_global_zero and directory.is_dir():
+            removed = sorted(directory.glob(f".{self.filename}.*.tmp"))
+            for tmp in removed:
+                tmp.unlink(missing_ok=True)
+            if removed:
+                rank_zero_info(f"MergeReparameterization: removed {len(removed)} partial write(s): {removed}")
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from frep_lightning.ensemble import TemporalEnsemble
 

@@ -23,6 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -122,13 +123,35 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> tuple[list[Callback], Mer
 
 
 # what a resume must keep: the model it loads into, and what the run is (its summary.json says so)
-RUN_RECORD_KEYS = ("data.name", "model.name", "model.width", "method.name", "method.reparam_kind", "fast.enabled")
+RUN_RECORD_KEYS = (
+    "data.name",
+    "model.name",
+    "model.width",
+    "method.name",
+    "method.reparam_kind",
+    "fast.enabled",
+    "seed",
+)
+# a resume restores the optimizer and LR scheduler from the checkpoint (LR, momentum, milestones, gamma):
+# other values in the config would be ignored, while config.yaml records them
+OPTIM_RECORD_KEYS = ("lr", "momentum", "weight_decay", "nesterov", "milestones", "gamma")
 
 
 def run_record(cfg: DictConfig) -> dict[str, Any]:
     """The settings :class:`RunRecord` keeps in checkpoints (plain values; pruning/ensemble as configured)."""
     record: dict[str, Any] = {k: OmegaConf.select(cfg, k, default=None) for k in RUN_RECORD_KEYS}
     record["fast.enabled"] = bool(record["fast.enabled"])
+    objective = OmegaConf.select(cfg, "method.objective._target_", default=None)
+    record["objective"] = str(objective).rsplit(".", 1)[-1] if objective is not None else None
+    optim = cfg.get("optim") or {}
+    for key in OPTIM_RECORD_KEYS:
+        value = optim.get(key)
+        if key == "milestones" and value is not None:
+            record[f"optim.{key}"] = [int(m) for m in value]
+        elif key == "nesterov" and value is not None:
+            record[f"optim.{key}"] = bool(value)
+        else:  # float: 0 and 0.0 are the same value
+            record[f"optim.{key}"] = float(value) if value is not None else None
     pruning = cfg.get("pruning") if enabled(cfg.get("pruning")) else None
     if pruning is not None:  # float: 0 and 0.0 are the same target
         kind = pruning._target_.rsplit(".", 1)[-1]
@@ -223,6 +246,12 @@ def fit(trainer: pl.Trainer, module: pl.LightningModule, datamodule: Any, cfg: D
     last = run_dir / "checkpoints" / "last.ckpt"
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    except SIGTERMException as err:  # a SystemExit: Lightning would end the process with status 0
+        kept = f"resume with ckpt_path={last}" if last.is_file() else "no checkpoint was written yet"
+        raise SystemExit(
+            f"frep-train: stopped by SIGTERM before the end of training: no model.pt or summary.json was written; "
+            f"{kept}"
+        ) from err
     except torch.cuda.OutOfMemoryError as err:
         bs, ebs = OmegaConf.select(cfg, "data.batch_size"), OmegaConf.select(cfg, "data.eval_batch_size")
         raise torch.cuda.OutOfMemoryError(

@@ -147,7 +147,13 @@ class DeviceBatches:
         }
 
     def position_key(self) -> dict[str, Any]:
-        return {"order": "device", "batch_size": self.batch_size, "num_replicas": self.num_replicas}
+        return {
+            "order": "device",
+            "batch_size": self.batch_size,
+            "num_replicas": self.num_replicas,
+            "seed": int(self.seed),
+            "n": len(self.labels),
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         epoch, batches = int(state_dict["epoch"]), int(state_dict["batches"])

@@ -43,13 +43,20 @@ def mix_seed(*values: int) -> int:
 
 
 def check_position(saved: dict[str, Any], current: dict[str, Any], epoch: int, batches: int) -> None:
-    """A mid-epoch position counts batches of one size, on one number of ranks, in one shuffle order
-    (Lightning's progress counts them too): resumed with another, part of the epoch would be trained
-    twice or skipped. Refuse it, naming the keys; an epoch-end position may change all of them."""
+    """A mid-epoch position counts batches of one size, on one number of ranks, in one shuffle order of
+    one training set, seeded by one seed (Lightning's progress counts them too): resumed with another,
+    part of the epoch would be trained twice or skipped. Refuse it, naming the keys; an epoch-end
+    position may change all of them."""
     differ = {k: (saved[k], v) for k, v in current.items() if k in saved and saved[k] != v}
     if not batches or not differ:
         return
-    names = {"order": "data.on_device (shuffle order)", "batch_size": "data.batch_size", "num_replicas": "ranks"}
+    names = {
+        "order": "data.on_device (shuffle order)",
+        "batch_size": "data.batch_size",
+        "num_replicas": "ranks",
+        "seed": "seed (shuffle order)",
+        "n": "training images (data.n_train)",
+    }
     what = ", ".join(f"{names.get(k, k)}: {a!r} -> {b!r}" for k, (a, b) in differ.items())
     raise ValueError(
         f"the checkpoint was saved mid-epoch (epoch {epoch}, after {batches} batch{'es' * (batches != 1)}) and "
@@ -176,7 +183,13 @@ class ResumableLoader(DataLoader):
 
     def position_key(self) -> dict[str, Any]:
         sampler: EpochSeededSampler = self.sampler  # type: ignore[assignment]
-        return {"order": "epoch_seeded", "batch_size": sampler.batch_size, "num_replicas": int(sampler.num_replicas)}
+        return {
+            "order": "epoch_seeded",
+            "batch_size": sampler.batch_size,
+            "num_replicas": int(sampler.num_replicas),
+            "seed": int(sampler.seed),
+            "n": len(sampler.dataset),  # type: ignore[arg-type]
+        }
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         sampler: EpochSeededSampler = self.sampler  # type: ignore[assignment]
