@@ -437,6 +437,19 @@ def test_resume_with_another_seed_objective_or_optimizer_is_refused(
     assert torch.load(ckpt, weights_only=True)["callbacks"]["RunRecord"]["optim.milestones"] == [2]
 
 
+def test_a_truncated_or_foreign_ckpt_path_is_a_config_error(pack_root: Path, cache_dir: Path, tmp_path: Path) -> None:
+    """A copy cut short (or any other file) is named as the ckpt_path it is, not a torch traceback."""
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}, "callbacks": {}}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:200])
+    for content in (None, b"not a checkpoint"):
+        if content is not None:
+            ckpt.write_bytes(content)
+        cfg = tiny_cfg(pack_root, cache_dir, tmp_path / "x", f"ckpt_path={ckpt}")
+        with pytest.raises(ConfigError, match=rf"ckpt_path={re.escape(str(ckpt))} cannot be read as a checkpoint"):
+            train_module.check_resume(cfg)
+
+
 def test_sigterm_during_fit_ends_the_process_with_a_failure_status(tmp_path: Path) -> None:
     """Lightning turns SIGTERM into SIGTERMException, a SystemExit without a code: frep-train ended with
     status 0 and no model.pt or summary.json, so a scheduler or a sweep took the run as done."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import platform
 import sys
 import time
@@ -169,7 +170,13 @@ def check_resume(cfg: DictConfig) -> None:
     path = cfg.get("ckpt_path")
     if not path:
         return
-    saved = read_run_record(path)
+    try:
+        saved = read_run_record(path)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:  # truncated, not a zip...
+        raise ConfigError(
+            f"ckpt_path={path} cannot be read as a checkpoint ({type(err).__name__}: {str(err).splitlines()[0]}): "
+            "a truncated or foreign file; checkpoints are written atomically, so a file frep-train wrote is whole"
+        ) from err
     mismatches = record_mismatches(saved, run_record(cfg)) if saved is not None else []
     if mismatches:
         raise ConfigError(mismatch_message(f"ckpt_path={path}", mismatches))
