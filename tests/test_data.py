@@ -495,3 +495,54 @@ def test_a_small_set_under_ddp_still_gives_each_rank_a_batch(pack_root: Path, ca
         dm.setup("fit")
         batches = [y for _, y in dm.train_dataloader()]
         assert [len(y) for y in batches] == [12], loader_on_device
+
+
+def test_empty_cache_entry_is_decoded_again(tmp_path: Path) -> None:
+    """An empty .npy (what a node crash right after the rename can leave without fsync) makes np.load raise
+    EOFError, not OSError/ValueError: it must cost a decode, not crash every later run."""
+    path = tmp_path / "toy" / "train.npz"
+    _toy_pack(path, [0, 1, 0, 1], ["a", "b"])
+    cache = tmp_path / "cache"
+    x, y, _ = load_pack(path, cache)
+    for part in ("images", "labels", "classes"):
+        (entry,) = cache.glob(f"*.{part}.npy")
+        entry.write_bytes(b"")
+        x2, y2, _ = load_pack(path, cache)
+        assert torch.equal(x2, x) and torch.equal(y2, y), part
+        assert entry.stat().st_size > 0, part  # rewritten
+
+
+def test_downloads_into_one_root_take_turns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Parallel sweep jobs with data.download=true on a fresh data.root: torchvision writes the archive and
+    extracts it in place, so a second job reading while the first writes fails ("corrupted"). One at a time."""
+    import threading
+
+    active, overlaps, errors = [0], [], []
+    guard = threading.Lock()
+
+    def fake_read(self: ImageClassificationData, train: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        with guard:
+            active[0] += 1
+            overlaps.append(active[0])
+        time.sleep(0.2)  # the "download"
+        with guard:
+            active[0] -= 1
+        return torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64), ["a"]
+
+    monkeypatch.setattr(ImageClassificationData, "_read_torchvision", fake_read)
+    start = threading.Barrier(3)
+
+    def job() -> None:
+        try:
+            dm = ImageClassificationData(root=str(tmp_path / "fresh"), format="torchvision", download=True)
+            start.wait()
+            dm._load_torchvision(True)
+        except Exception as err:  # reported below: an exception in a thread would only warn
+            errors.append(err)
+
+    threads = [threading.Thread(target=job) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(overlaps) == 3 and max(overlaps) == 1, (errors, overlaps)

@@ -10,9 +10,12 @@ Validation and final test use fixed class-balanced subsets of the test split.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import math
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,19 @@ def resolve_root(root: str | os.PathLike[str] | None = None) -> Path:
     repo = Path(__file__).resolve().parents[3]  # src/frep_lightning/data/datamodule.py -> repo root
     shared = repo.parent / "shared" / "data"
     return shared if shared.is_dir() else Path("data")
+
+
+@contextlib.contextmanager
+def _exclusive_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created with its directory): processes that download into
+    one directory take turns, as torchvision writes its files in place, neither atomically nor locked."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def balanced_indices(labels: Tensor, n: int | None, seed: int) -> Tensor:
@@ -224,7 +240,12 @@ class ImageClassificationData(pl.LightningDataModule):
         """torchvision's dataset class, its failures said in this project's keys (its own messages name
         ``download=True`` and no path)."""
         try:
-            return self._read_torchvision(train)
+            if not self.download:
+                return self._read_torchvision(train)
+            # parallel sweep jobs (or DDP ranks) downloading into one data.root at once would read each
+            # other's partial files: one at a time, the later ones find the files verified and skip the fetch
+            with _exclusive_lock(self.root / f".{self.name}.download.lock"):
+                return self._read_torchvision(train)
         except ImportError as err:  # SVHN's .mat files need scipy
             need = err.name or str(err)
             raise ImportError(f"data={self.name} in torchvision's format needs {need}: pip install {need}") from err

@@ -54,7 +54,7 @@ def _read_cache(cache: Path, key: str) -> tuple[np.ndarray, np.ndarray, list[str
         return None
     try:
         arrays = {part: np.load(f, allow_pickle=False) for part, f in files.items()}
-    except (OSError, ValueError):  # a damaged entry is rebuilt, not fatal
+    except (OSError, ValueError, EOFError):  # a damaged entry (EOFError: an empty file) is rebuilt, not fatal
         return None
     images, labels = arrays["images"], arrays["labels"]
     if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(labels):
@@ -68,6 +68,8 @@ def _write_atomic(target: Path, array: np.ndarray) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, array, allow_pickle=False)
+            f.flush()
+            os.fsync(f.fileno())  # data on disk before the rename: a crash must not leave an empty entry
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared cache should stay readable
         os.replace(tmp, target)
     finally:
