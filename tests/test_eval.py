@@ -744,6 +744,29 @@ def test_frep_eval_end_to_end_on_a_run_dir(tiny_run: tuple[Path, dict], pack_roo
         assert again[name] == report[name]
 
 
+def test_frep_eval_says_when_it_reads_another_kind_of_data_than_the_run(
+    tiny_run: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """A run trained on the offline JPEG pack and evaluated where data.root holds torchvision's files (the
+    original pixels) gets other numbers for the same model: eval.json records the format and warns."""
+    import shutil
+
+    run_dir, summary = tiny_run
+    assert summary["data_format"] == "pack"
+    copy = tmp_path / "run"
+    copy.mkdir()
+    for name in ("config.yaml", "model.pt"):
+        shutil.copy(run_dir / name, copy / name)
+    args = (f"ckpt={copy}", "attacks=[clean]", "n_test=20", "logger=none")
+    (copy / "summary.json").write_text(json.dumps({**summary, "data_format": "pack"}))
+    same = run(_eval_cfg(*args))
+    assert same["data_format"] == "pack" and not [w for w in same["warnings"] if "format" in w]
+    (copy / "summary.json").write_text(json.dumps({**summary, "data_format": "torchvision"}))
+    other = run(_eval_cfg(*args))
+    assert [w for w in other["warnings"] if "trained on cifar10 in torchvision format, this evaluation reads" in w]
+    assert other["clean"] == same["clean"]  # a warning only: the numbers are what they are
+
+
 def test_frep_eval_slim_evaluates_and_writes_the_cut_network(tiny_run: tuple[Path, dict], tmp_path: Path) -> None:
     """``slim=true``: the report says what was cut, the numbers are the cut network's (equal to the full
     one's: only zero channels go), and model_slim.pt2 runs without the package's classes."""

@@ -414,16 +414,21 @@ def make_loggers(
     return list(made) if isinstance(made, (list, tuple)) else [made]
 
 
-def _training_wandb_id(config_path: Path | None) -> str | None:
-    """``wandb_run_id`` of the run's ``summary.json`` (beside its config.yaml), if any."""
+def _run_summary_value(config_path: Path | None, key: str) -> str | None:
+    """``key`` of the run's ``summary.json`` (beside its config.yaml) when it is a non-empty string, else None."""
     path = None if config_path is None else config_path.parent / "summary.json"
     if path is None or not path.is_file():
         return None
     try:
-        value = json.loads(path.read_text()).get("wandb_run_id")
+        value = json.loads(path.read_text()).get(key)
     except (OSError, ValueError, AttributeError):
         return None
     return value if isinstance(value, str) and value else None
+
+
+def _training_wandb_id(config_path: Path | None) -> str | None:
+    """``wandb_run_id`` of the run's ``summary.json``, if any."""
+    return _run_summary_value(config_path, "wandb_run_id")
 
 
 def log_report(loggers: list[Any], report: Mapping[str, Any]) -> dict[str, float]:
@@ -483,7 +488,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     compression = compression_report(model.state_dict(), prunable_layers(model, run_cfg))
 
     datamodule = instantiate(data_cfg)
-    datamodule.check_available()
+    data_format = datamodule.check_available()
+    trained_on = _run_summary_value(config_path, "data_format")
+    if trained_on is not None and trained_on != data_format:  # the pack's JPEG pixels are not torchvision's
+        notes.append(
+            f"the run trained on {data_cfg.name} in {trained_on} format, this evaluation reads its {data_format} "
+            f"files under data.root={str(datamodule.root)!r}: the images differ slightly (the offline pack is a JPEG "
+            f"re-encoding), so these numbers are not the run's summary.json numbers; data.format={trained_on} "
+            "reads the same kind"
+        )
     datamodule.setup("test")
     out = Path(cfg.output) if cfg.get("output") else model_file.parent / "eval.json"
     slimmed = None
@@ -526,6 +539,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "model": model_cfg.get("name"),
         "width": model_cfg.get("width"),
         "dataset": data_cfg.get("name"),
+        "data_format": data_format,  # pack (the offline JPEG pack) or torchvision (the original pixels)
         "n_test": cfg.n_test,
         "device": _device_name(device),
         "eval_seconds": round(time.perf_counter() - start, 2),

@@ -308,6 +308,8 @@ def summarize(
         "model": cfg.model.name,
         "width": cfg.model.get("width"),
         "dataset": cfg.data.name,
+        # pack (the offline JPEG pack) or torchvision (the original pixels): numbers differ slightly between them
+        "data_format": datamodule.check_available() if hasattr(datamodule, "check_available") else None,
         "sparsity_target": float(pruning.sparsity) if pruning is not None else 0.0,
         "pruning_mode": pruning.mode if pruning is not None else None,
         "sparsity": report["sparsity"],
