@@ -461,6 +461,63 @@ def test_fast_options_are_validated(kwargs: dict[str, Any], key: str) -> None:
         FastFReP(build_model("resnet18", width=4), **kwargs)
 
 
+def _train_cfg(*overrides: str) -> Any:
+    from hydra import compose, initialize_config_dir
+
+    from frep_lightning.train import config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name="train", overrides=["model.width=4", *overrides])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        # off, a typo is still a typo: it used to pass, and fail (after the data check) once switched on
+        (["fast.capture=graph"], "fast.capture='graph' is not valid; allowed values: cuda_graph, compile, none"),
+        (["fast.warmup_steps=0"], "fast.warmup_steps=0 must be an integer > 0"),
+        (["fast.enabled=yes"], "fast.enabled='yes' must be true or false"),  # used to turn the fast path on
+        (["fast.enabled=true", "fast.streams=3"], "fast.streams=3 must be 1 or 2"),
+        (
+            ["fast.enabled=true", "fast.compile_model=true", "fast.cache_weights=true"],
+            "fast.compile_model=true and fast.cache_weights=true",
+        ),
+        (["fast.enabled=true", "fast.streams=2", "method.attack.bn=eval"], "fast.streams=2 needs method.attack.bn"),
+        (["fast.enabled=true", "trainer.precision=bf16-mixed"], "trainer.precision='bf16-mixed' with fast.enabled"),
+        (["fast.enabled=true", "+trainer.accumulate_grad_batches=2"], "trainer.accumulate_grad_batches=2 with fast"),
+        (["fast.enabled=true", "+trainer.gradient_clip_val=1.0"], "trainer.gradient_clip_val=1.0 with fast.enabled"),
+    ],
+)
+def test_fast_keys_are_validated_with_the_config(overrides: list[str], message: str) -> None:
+    """``fast.*`` fails in ``validate_train_config`` (before data loads, and in a sweep's check), not as a bare
+    ValueError from FastFReP after setup or as Lightning's manual-optimization error at fit start."""
+    from frep_lightning.config import ConfigError, validate_train_config
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate_train_config(_train_cfg(*overrides))
+
+
+def test_valid_fast_configs_pass_validation() -> None:
+    from frep_lightning.config import validate_train_config
+
+    validate_train_config(_train_cfg("fast.enabled=true", "fast.precision=bf16", "fast.streams=2", "fast.sgd=fused"))
+    validate_train_config(_train_cfg("fast.enabled=true", "fast.warmup_steps=1", "trainer.precision=32"))
+    # combinations matter only for a run that uses them
+    validate_train_config(_train_cfg("fast.compile_model=true", "fast.cache_weights=true"))
+
+
+def test_summary_train_step_names_the_fast_path_without_a_step() -> None:
+    """A fit resumed from a finished run's checkpoint trains no step (no on_train_start, no fast summary):
+    summary.json must not call the fast path "plain"."""
+    from frep_lightning.train import train_step_description
+
+    fast = FastFReP(build_model("resnet18", width=4))
+    assert train_step_description(fast).startswith("fast path (no training step")
+    fast.fast_summary = "eager, fp32, sgd=foreach"
+    assert train_step_description(fast) == "eager, fp32, sgd=foreach"
+    assert train_step_description(FReP(build_model("resnet18", width=4))) == "plain (automatic optimization)"
+
+
 def test_fast_step_refuses_what_it_does_not_implement() -> None:
     model = build_model("resnet18", width=4)
     module = FReP(model)

@@ -168,6 +168,23 @@ def _is_bool(v: Any, _: DictConfig) -> bool:
     return isinstance(v, bool)
 
 
+# The fast path's choices (read lazily: frep_lightning.fast imports Lightning)
+def _fast_captures() -> Sequence[str]:
+    from frep_lightning.fast import CAPTURES
+
+    return CAPTURES
+
+
+def _fast_sgds() -> Sequence[str]:
+    from frep_lightning.fast import SGD_IMPLS
+
+    return SGD_IMPLS
+
+
+def _fast_streams(v: Any, _: DictConfig) -> bool:
+    return _is_int(v) and v in (1, 2)
+
+
 def _nesterov(v: Any, cfg: DictConfig) -> bool:
     """torch's SGD refuses Nesterov without momentum, but only when the optimizer is built (after data setup)."""
     momentum = OmegaConf.select(cfg, "optim.momentum")
@@ -294,6 +311,18 @@ RULES: list[Rule] = [
     _rule("optim.gamma", _between(0, 1, True, False), "must be in (0, 1]"),
     # trainer
     _rule("trainer.max_epochs", _int_at_least(1), _POS_INT, required=True),
+    # fast path: values checked whether fast.enabled is on or not, so that a typo made while it is off does
+    # not fail only once it is switched on; combinations: _fast_errors
+    _rule("fast.enabled", _is_bool, "must be true or false"),
+    _rule("fast.capture", _one_of(_fast_captures)),
+    _rule("fast.precision", _one_of(ATTACK_PRECISIONS)),
+    _rule("fast.channels_last", _is_bool, "must be true or false"),
+    _rule("fast.sgd", _one_of(_fast_sgds)),
+    _rule("fast.cache_weights", _is_bool, "must be true or false"),
+    _rule("fast.compile_model", _is_bool, "must be true or false"),
+    _rule("fast.streams", _fast_streams, "must be 1 or 2"),
+    _rule("fast.warmup_steps", _int_at_least(1), _POS_INT),
+    _rule("fast.cudnn_benchmark", _is_bool, "must be true or false"),
     # pruning
     _rule("pruning.sparsity", _between(0, 1, False, True), "must be in [0, 1)", required=True, group="pruning"),
     _rule("pruning.epoch", _prune_epoch,
@@ -507,6 +536,51 @@ def _width_errors(cfg: DictConfig) -> list[str]:
     return []
 
 
+def _fast_errors(cfg: DictConfig) -> list[str]:
+    """With ``fast.enabled=true``: the option combinations FastFReP refuses, and the trainer settings it cannot
+    run with, which would otherwise fail after data setup (a bare ValueError from the module, or Lightning's
+    manual-optimization checks at fit start); a sweep's check would let them through."""
+    fast = OmegaConf.select(cfg, "fast")
+    if not isinstance(fast, DictConfig) or fast.get("enabled") is not True:
+        return []
+    from frep_lightning.fast import _check_compile_model, _check_streams
+
+    capture = fast.get("capture") or "cuda_graph"
+    errors: list[str] = []
+    for check in (
+        lambda: _check_compile_model(fast.get("compile_model") is True, capture, fast.get("cache_weights") is True),
+        lambda: _check_streams(fast.get("streams") or 1, capture),
+    ):
+        try:
+            check()
+        except ValueError as err:
+            errors.append(str(err))
+    if fast.get("streams") == 2 and OmegaConf.select(cfg, "method.attack.bn", default="train") != "train":
+        errors.append(
+            "fast.streams=2 needs method.attack.bn=train: with bn=eval the attack's forward reads the BatchNorm "
+            "running statistics that the concurrent clean forward updates"
+        )
+    precision = OmegaConf.select(cfg, "trainer.precision", default=None)
+    if precision is not None and str(precision) not in ("32-true", "32"):
+        errors.append(
+            f"trainer.precision={precision!r} with fast.enabled=true: the fast path needs trainer.precision=32-true; "
+            "use fast.precision=bf16 for mixed precision inside its step"
+        )
+    accumulate = OmegaConf.select(cfg, "trainer.accumulate_grad_batches", default=None)
+    if accumulate not in (None, 1):
+        errors.append(
+            f"trainer.accumulate_grad_batches={accumulate!r} with fast.enabled=true: the fast path (manual "
+            "optimization) steps at every batch; use fast.enabled=false to accumulate gradients"
+        )
+    clip = OmegaConf.select(cfg, "trainer.gradient_clip_val", default=None)
+    if clip not in (None, 0):
+        errors.append(
+            f"trainer.gradient_clip_val={clip!r} with fast.enabled=true: the fast path's SGD update does not clip "
+            "gradients; use fast.enabled=false to clip them"
+        )
+    return errors
+
+
 def _resume_errors(cfg: DictConfig) -> list[str]:
     """Lightning (2.6) resumes step-limited training inexactly: an epoch-end checkpoint replays that epoch's
     end and counts the epoch twice (measured: max_epochs=2, max_steps=5, resumed after epoch 0: stopped at
@@ -555,6 +629,8 @@ def validate_train_config(cfg: DictConfig, check_data: bool = False) -> None:
         errors += check_eval_attacks(cfg)
     if not any(e.startswith("model.") for e in errors):  # a bad model.name is one problem, not two
         errors += _width_errors(cfg)
+    if not any(e.startswith("fast.") for e in errors):  # a bad fast.streams is one problem, not two
+        errors += _fast_errors(cfg)
     errors += _resume_errors(cfg)
     if errors:
         lines = "\n  ".join(errors)

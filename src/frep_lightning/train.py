@@ -336,10 +336,19 @@ def summarize(
         "model_path": str(export.path),
         "overfitting_epochs": _collapsed_epochs(trainer),
         # what trained: the fast path's own account (capture, precision, fallbacks), or the plain path
-        "train_step": getattr(trainer.lightning_module, "fast_summary", None) or "plain (automatic optimization)",
+        "train_step": train_step_description(trainer.lightning_module),
         "frep_lightning": __version__,
         "torch": torch.__version__,
     }
+
+
+def train_step_description(module: pl.LightningModule) -> str:
+    """What trained, for ``summary.json``: the fast path's own account (capture, precision, fallbacks), or the
+    plain path. A fit that ran no training step (resumed from a finished run's checkpoint: Lightning skips the
+    loop and with it ``on_train_start``) has no account of the fast path, which must not read as the plain one."""
+    if isinstance(module, FastFReP):
+        return module.fast_summary or "fast path (no training step in this fit: resumed from a finished run)"
+    return "plain (automatic optimization)"
 
 
 def _slim_account(model: torch.nn.Module, loader: Any) -> dict[str, Any]:
