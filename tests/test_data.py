@@ -512,6 +512,27 @@ def test_empty_cache_entry_is_decoded_again(tmp_path: Path) -> None:
         assert entry.stat().st_size > 0, part  # rewritten
 
 
+def test_a_download_stall_times_out_instead_of_hanging(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision's urlopen has no timeout: the fetch runs under a socket timeout, restored afterwards, and
+    reading files already there (download=false) leaves the process's setting alone."""
+    import socket
+
+    from frep_lightning.data.datamodule import DOWNLOAD_STALL_S
+
+    seen: list[float | None] = []
+
+    def fake_read(self: ImageClassificationData, train: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        seen.append(socket.getdefaulttimeout())
+        return torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64), ["a"]
+
+    monkeypatch.setattr(ImageClassificationData, "_read_torchvision", fake_read)
+    before = socket.getdefaulttimeout()
+    for download in (True, False):
+        ImageClassificationData(root=str(tmp_path), format="torchvision", download=download)._load_torchvision(True)
+    assert seen == [DOWNLOAD_STALL_S, before] and socket.getdefaulttimeout() == before
+    assert 0 < DOWNLOAD_STALL_S <= 300
+
+
 def test_downloads_into_one_root_take_turns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Parallel sweep jobs with data.download=true on a fresh data.root: torchvision writes the archive and
     extracts it in place, so a second job reading while the first writes fails ("corrupted"). One at a time."""

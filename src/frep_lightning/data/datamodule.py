@@ -15,6 +15,7 @@ import fcntl
 import functools
 import math
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
 }
 FORMATS = ("auto", "pack", "torchvision")
 CROP_PADDING = 4
+DOWNLOAD_STALL_S = 60.0  # data.download: seconds without a byte before a fetch fails (torchvision sets no timeout)
 _CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # what torchvision leaves under root once a dataset is downloaded and extracted
 _TORCHVISION_FILES = {
@@ -73,6 +75,18 @@ def _exclusive_lock(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    """torchvision opens its download URL without a timeout: on a network that drops packets silently a
+    run (and every job of a sweep queued behind its lock) would hang. A stall of ``seconds`` fails instead."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def balanced_indices(labels: Tensor, n: int | None, seed: int) -> Tensor:
@@ -244,7 +258,7 @@ class ImageClassificationData(pl.LightningDataModule):
                 return self._read_torchvision(train)
             # parallel sweep jobs (or DDP ranks) downloading into one data.root at once would read each
             # other's partial files: one at a time, the later ones find the files verified and skip the fetch
-            with _exclusive_lock(self.root / f".{self.name}.download.lock"):
+            with _exclusive_lock(self.root / f".{self.name}.download.lock"), _socket_timeout(DOWNLOAD_STALL_S):
                 return self._read_torchvision(train)
         except ImportError as err:  # SVHN's .mat files need scipy
             need = err.name or str(err)
