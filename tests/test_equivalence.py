@@ -759,6 +759,25 @@ def test_non_finite_loss_fails_at_the_end_of_the_epoch(tmp_path: Path) -> None:
         trainer.fit(module, datamodule=data)
 
 
+def test_cudnn_benchmark_of_training_does_not_outlive_it(tmp_path: Path) -> None:
+    """fast.cudnn_benchmark turns cuDNN's autotuner on for training (on CUDA); the final evaluation in the same
+    process runs with the process's own setting again (here the flag is flipped by hand: no CUDA on CI)."""
+
+    class Autotune(pl.Callback):
+        def on_train_batch_end(self, *args: Any) -> None:
+            torch.backends.cudnn.benchmark = True  # what on_train_start does on a CUDA device
+
+    was = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        module = FastFReP(build_model("resnet18", width=4), val_attack_steps=0)
+        trainer = quiet_trainer(tmp_path, [Autotune()], max_epochs=1, limit_val_batches=0, inference_mode=False)
+        trainer.fit(module, datamodule=TinyData())
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        torch.backends.cudnn.benchmark = was
+
+
 def test_bf16_channels_last_step_runs_eagerly_and_keeps_layouts() -> None:
     module = FReP(build_model("resnet18", width=4))
     module.model.to(memory_format=torch.channels_last)

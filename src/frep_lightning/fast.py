@@ -639,6 +639,7 @@ class FastFReP(FReP):
             self.model.to(memory_format=torch.channels_last)
         self.fast_step: FastStep | None = None
         self.fast_summary: str | None = None  # what ran (FastStep.describe), kept after training
+        self._cudnn_benchmark_before: bool | None = None
 
     # ---- lifecycle ------------------------------------------------------------------------
     def on_train_start(self) -> None:
@@ -653,6 +654,7 @@ class FastFReP(FReP):
                 "fast.enabled=true runs on one device: its step computes gradients with torch.autograd.grad, "
                 "which DDP does not all-reduce; use fast.enabled=false with several devices"
             )
+        self._cudnn_benchmark_before = torch.backends.cudnn.benchmark  # restored at train end: not for evaluation
         if self.cudnn_benchmark and self.device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
             torch.backends.cudnn.benchmark = True
         optimizer = self.optimizers(use_pl_optimizer=False)
@@ -684,6 +686,9 @@ class FastFReP(FReP):
             self.fast_summary = self.fast_step.describe()
             self.fast_step.release()
         self.fast_step = None
+        if self._cudnn_benchmark_before is not None:  # the final evaluation runs with the process's own setting
+            torch.backends.cudnn.benchmark = self._cudnn_benchmark_before
+            self._cudnn_benchmark_before = None
 
     # ---- training -------------------------------------------------------------------------
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
