@@ -11,6 +11,7 @@ import pickle
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -567,3 +568,30 @@ def test_downloads_into_one_root_take_turns(tmp_path: Path, monkeypatch: pytest.
     for t in threads:
         t.join()
     assert not errors and len(overlaps) == 3 and max(overlaps) == 1, (errors, overlaps)
+
+
+def test_a_download_into_a_read_only_root_still_reads_the_files_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """data.download=true over a read-only data.root (a shared dataset directory) holding torchvision's files:
+    torchvision verifies them and downloads nothing, so the lock file that cannot be created there must not
+    turn a working run into "fetching ... failed (Permission denied)"."""
+    import errno
+
+    from frep_lightning.data import datamodule
+
+    real_open = os.open
+
+    def read_only_open(path: Any, flags: int, *args: Any) -> int:
+        if str(path).endswith(".download.lock"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    def fake_read(self: ImageClassificationData, train: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        return torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64), ["a"]
+
+    monkeypatch.setattr(ImageClassificationData, "_read_torchvision", fake_read)
+    monkeypatch.setattr(datamodule.os, "open", read_only_open)
+    dm = ImageClassificationData(root=str(tmp_path), format="torchvision", download=True)
+    images, labels, _ = dm._load_torchvision(True)
+    assert images.shape == (1, 3, 32, 32) and labels.tolist() == [0]

@@ -494,6 +494,29 @@ def test_an_example_that_a_later_step_leads_back_to_its_class_counts_as_broken()
     assert bool((_Band()(last).argmax(1) == y).all())  # without labels (training): the plain last iterate
 
 
+class _ReducedPrecisionFooled(nn.Module):
+    """Two classes; in fp32 the true class (0) wins at the clean image and loses once every pixel is eps lower,
+    under autocast (a bf16 attack's forwards) it loses everywhere: a reduced-precision misclassification that
+    the fp32 accuracy forward does not see."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = (x.flatten(1).mean(1) - 0.5) / EPS + 0.5
+        if torch.is_autocast_enabled(x.device.type):
+            z = z - 1.0
+        return torch.stack([z, torch.zeros_like(z)], dim=1)
+
+
+def test_a_bf16_misclassification_does_not_freeze_an_example_that_fp32_classifies_correctly() -> None:
+    """precision=bf16: the iterate check runs on the attack's bf16 logits, the accuracy on fp32 ones. An example
+    frozen at an iterate that only bf16 misclassifies is never attacked further and counts as robust (fp32),
+    although the next steps break it: robust accuracy above the last-iterate number of before."""
+    x, y = torch.full((8, 3, 8, 8), 0.5), torch.zeros(8, dtype=torch.long)
+    model = _ReducedPrecisionFooled()
+    for precision in ("fp32", "bf16"):
+        acc = run_attacks(model, [(x, y)], build_attacks(["pgd10"], eps=EPS, precision=precision)).accuracies()
+        assert acc == {"clean": 1.0, "pgd10": 0.0, "worst_case": 0.0}, precision
+
+
 def test_zero_input_gradients_are_reported_as_gradient_masking(cnn: tuple[nn.Module, Tensor, Tensor]) -> None:
     """Logits x 1e4 saturate the softmax: the cross-entropy gradient is exactly 0, FGSM/PGD cannot move any image
     and report clean accuracy as robust; without Square/AutoAttack nothing else would say so."""

@@ -229,7 +229,15 @@ class SignGradientAttack:
                 (grad,) = torch.autograd.grad(loss, x_adv)
                 x_adv = x_adv.detach()
                 if fooled is not None and labels is not None:  # strictly wrong: a bf16 tie may be fp32 correct
-                    fooled |= (margins(logits.detach().float(), labels) < 0).view(shape)
+                    new = (margins(logits.detach().float(), labels) < 0) & ~fooled.view(-1)
+                    if torch.is_autocast_enabled(x.device.type) and bool(new.any()):
+                        # reduced precision (evaluation precision=bf16): a bf16 misclassification may be fp32
+                        # correct, and the accuracy forward is fp32; freezing such an example would stop the
+                        # attack on it. Confirm in fp32, once per newly fooled example.
+                        idx = new.nonzero().flatten()
+                        with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+                            new[idx] = margins(model(x_adv[idx]).float(), labels[idx]) < 0
+                    fooled |= new.view(shape)
                 if grad_acc is not None:
                     norm = grad.abs().flatten(1).sum(dim=1).clamp_min(1e-12).view(shape)
                     grad_acc = self.momentum * grad_acc + grad / norm

@@ -11,6 +11,7 @@ Validation and final test use fixed class-balanced subsets of the test split.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import functools
 import math
@@ -68,8 +69,16 @@ def resolve_root(root: str | os.PathLike[str] | None = None) -> Path:
 def _exclusive_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``path`` (created with its directory): processes that download into
     one directory take turns, as torchvision writes its files in place, neither atomically nor locked."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+        # a read-only data.root (a shared dataset directory): nothing can be downloaded into it, so there is
+        # no partial file to wait for; torchvision only verifies the files already there
+        yield
+        return
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
