@@ -448,6 +448,9 @@ def test_a_truncated_or_foreign_ckpt_path_is_a_config_error(pack_root: Path, cac
         cfg = tiny_cfg(pack_root, cache_dir, tmp_path / "x", f"ckpt_path={ckpt}")
         with pytest.raises(ConfigError, match=rf"ckpt_path={re.escape(str(ckpt))} cannot be read as a checkpoint"):
             train_module.check_resume(cfg)
+    ckpt.unlink()  # a typo in the path is said as such, not as a damaged file
+    with pytest.raises(ConfigError, match=rf"ckpt_path={re.escape(str(ckpt))} does not exist"):
+        train_module.check_resume(tiny_cfg(pack_root, cache_dir, tmp_path / "x", f"ckpt_path={ckpt}"))
 
 
 def test_sigterm_during_fit_ends_the_process_with_a_failure_status(tmp_path: Path) -> None:

@@ -106,7 +106,8 @@ class FReP(pl.LightningModule):
         loss = self.objective(logits_clean, logits_adv, y)
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"non-finite training loss ({loss.item()}) at step {self.global_step}; lower optim.lr or check the data"
+                f"non-finite training loss ({loss.item()}) at step {self.global_step}; check the data, or start a new "
+                "run with a lower optim.lr"
             )
         self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
         with torch.no_grad():
@@ -157,7 +158,7 @@ class FReP(pl.LightningModule):
         if means["nonfinite"] > 0:
             raise FloatingPointError(
                 f"non-finite training loss in {int(means['nonfinite'])} step(s) of epoch {self.current_epoch}; "
-                "lower optim.lr or check the data"
+                "check the data, or start a new run with a lower optim.lr"
             )
         if means["count"] > 0:  # equal on every rank already: sync_dist only keeps Lightning's DDP warning away
             self.log("train/loss_epoch", means["loss"], prog_bar=True, sync_dist=True)

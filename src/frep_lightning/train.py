@@ -170,6 +170,10 @@ def check_resume(cfg: DictConfig) -> None:
     path = cfg.get("ckpt_path")
     if not path:
         return
+    if not Path(path).is_file():
+        raise ConfigError(
+            f"ckpt_path={path} does not exist (a resume needs a checkpoint file, e.g. <run>/checkpoints/last.ckpt)"
+        )
     try:
         saved = read_run_record(path)
     except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:  # truncated, not a zip...
@@ -268,7 +272,12 @@ def fit(trainer: pl.Trainer, module: pl.LightningModule, datamodule: Any, cfg: D
             f"Original error: {str(err).splitlines()[0] if str(err) else type(err).__name__}"
         ) from err
     except FloatingPointError as err:
-        kept = f"the last good checkpoint is kept: {last}" if last.is_file() else "no checkpoint was written yet"
+        kept = (
+            f"the last good checkpoint is kept: {last} (a resume from it keeps its optimizer and LR: another "
+            "optim.lr is refused)"
+            if last.is_file()
+            else "no checkpoint was written yet"
+        )
         raise FloatingPointError(f"training stopped: {err}\n{kept}") from err
     except RuntimeError as err:
         if cfg.get("ckpt_path") and "Error(s) in loading state_dict" in str(err):  # a checkpoint without a RunRecord
