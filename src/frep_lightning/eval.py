@@ -54,6 +54,7 @@ from frep_lightning.export import NotOurFileError, merged_state_dict, safe_load,
 from frep_lightning.pruning import without_classifier
 from frep_lightning.reparam import add_masks_, select_layers
 from frep_lightning.slimming import example_images, save_program, slim
+from frep_lightning.sweep import wandb_experiment
 from frep_lightning.train import build_module, config_dir
 
 log = logging.getLogger("frep_lightning")
@@ -408,6 +409,14 @@ def make_loggers(
     node.save_dir = str(save_dir)
     if wandb_run_id and node.get("_target_") in WANDB_FACTORIES:
         node.id, node.resume = wandb_run_id, "allow"
+        # the resumed run keeps its own project, entity, name and group: eval.yaml's run_name (frep-eval) or the
+        # default project of logger=wandb would rename the training run, or put its id into another project
+        own = run_cfg.get("logger") if run_cfg is not None else None
+        own = own if isinstance(own, DictConfig) else OmegaConf.create({})
+        node.name, node.group = own.get("name"), own.get("group")  # None: the run's own, unchanged
+        for key in ("project", "entity"):
+            if own.get(key) is not None:
+                node[key] = own[key]
     made = instantiate(node)
     if made is False or made is None:
         return []
@@ -439,6 +448,8 @@ def log_report(loggers: list[Any], report: Mapping[str, Any]) -> dict[str, float
     metrics = {f"eval/{k}": float(report[k]) for k in ["clean", *report["attacks"], "worst_case", "sparsity", "n"]}
     metrics["eval/model_sparse_bytes"] = float(report["sizes"]["model_sparse_bytes"])
     for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            wandb_experiment(lg)  # started here: offline if a guessed online mode fails
         lg.log_metrics(metrics, step=0)
         if isinstance(lg, WandbLogger):
             lg.experiment.summary.update(metrics)

@@ -354,10 +354,32 @@ def wandb_mode(timeout: float = 5.0) -> str:
 
 
 def _wandb_url() -> Any:
-    """The W&B server the client talks to (``WANDB_BASE_URL``, default the hosted one), split."""
+    """The W&B server the client talks to (``WANDB_BASE_URL``, default the installed client's hosted one), split."""
     from urllib.parse import urlsplit
 
-    return urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    return urlsplit(os.environ.get("WANDB_BASE_URL") or _wandb_default_url())
+
+
+def _wandb_default_url() -> str:
+    """The installed W&B client's default server (``https://api.forge.coreweave.com`` from wandb 0.31, before
+    it ``https://api.wandb.ai``)."""
+    try:
+        from wandb.sdk.lib.urls import DEFAULT_BASE_URL
+    except ImportError:
+        return "https://api.wandb.ai"
+    return str(DEFAULT_BASE_URL)
+
+
+def _wandb_upstream_netloc(url: str) -> str | None:
+    """The W&B API host behind a CoreWeave Forge URL (whose netrc entry the client also reads), else None."""
+    from urllib.parse import urlsplit
+
+    try:
+        from wandb.sdk.lib.urls import forge_upstream_url
+    except ImportError:
+        return None
+    upstream = forge_upstream_url(url)
+    return urlsplit(upstream).netloc if upstream != url else None
 
 
 def wandb_key_present() -> bool:
@@ -369,6 +391,9 @@ def wandb_key_present() -> bool:
         return True
     url = _wandb_url()
     machines = [url.netloc, url.hostname or ""]  # wandb login writes host:port for a server on a port
+    upstream = _wandb_upstream_netloc(url.geturl())
+    if upstream:  # wandb >= 0.31 reads a Forge server's key under its W&B API host too (api.wandb.ai)
+        machines.append(upstream)
     candidates = [os.environ["NETRC"]] if os.environ.get("NETRC") else [
         os.path.expanduser("~/.netrc"), os.path.expanduser("~/_netrc")
     ]  # fmt: skip
@@ -444,16 +469,42 @@ def wandb_logger(
     ``csv`` so that ``frep-report`` always finds ``metrics.csv`` in the run directory."""
     from lightning.pytorch.loggers import WandbLogger
 
+    chosen = mode or wandb_mode()
     wandb = WandbLogger(
         save_dir=save_dir,
         project=project,
         name=name,
         group=group,
-        mode=mode or wandb_mode(),
+        mode=chosen,
         tags=list(tags),
         **kwargs,
     )
+    # online only because the server's host:port took a TCP connection: if the run cannot start online after all
+    # (a proxy or firewall that accepts connections and answers errors), it falls back to offline (wandb_experiment)
+    wandb._frep_offline_fallback = chosen == "online" and not mode and not os.environ.get("WANDB_MODE")
     return [csv_logger(save_dir), wandb] if csv else wandb
+
+
+def wandb_experiment(logger: Any) -> Any:
+    """``logger.experiment`` (the W&B run, started on first use); a run whose ``online`` mode was only guessed
+    (:func:`wandb_mode`) and that W&B cannot start online is started offline instead, with a warning, rather than
+    ending the job (W&B's own init fails after its retries, ~100 s, when a proxy takes the connection but no
+    W&B server answers)."""
+    try:
+        return logger.experiment
+    except Exception as err:
+        if not getattr(logger, "_frep_offline_fallback", False):
+            raise
+        logger._frep_offline_fallback = False
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        log.warning(
+            "W&B: the run could not start online (%s): logging OFFLINE to the run directory (upload later with "
+            "`wandb sync <run dir>/wandb/offline-run-*`; WANDB_MODE=online forces online)",
+            first,
+        )
+        logger._wandb_init["mode"] = "offline"
+        logger._experiment = None
+        return logger.experiment
 
 
 def auto_logger(save_dir: str, **wandb_kwargs: Any) -> Any:
@@ -471,9 +522,13 @@ def _wandb_loggers(trainer: Any) -> list[Any]:
 
 
 def wandb_run_id(trainer: Any) -> str | None:
-    """The W&B run id of a trainer's WandbLogger (None without one, or on ranks > 0)."""
+    """The W&B run id of a trainer's WandbLogger (None without one, on ranks > 0, or for a disabled run: its id
+    names no run that frep-eval could add to)."""
     loggers = _wandb_loggers(trainer)
-    return str(loggers[0].experiment.id) if loggers and trainer.is_global_zero else None
+    if not loggers or not trainer.is_global_zero:
+        return None
+    run = wandb_experiment(loggers[0])
+    return None if getattr(run, "disabled", False) else str(run.id)
 
 
 def start_wandb(trainer: Any, cfg: DictConfig) -> None:
@@ -487,7 +542,7 @@ def start_wandb(trainer: Any, cfg: DictConfig) -> None:
         wandb.run.finish(exit_code=1)  # an earlier job died before finishing its run
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for lg in loggers:
-        lg.experiment.config.update({"config": resolved}, allow_val_change=True)
+        wandb_experiment(lg).config.update({"config": resolved}, allow_val_change=True)
 
 
 def finish_wandb(trainer: Any, summary: dict[str, Any], run_dir: str | os.PathLike[str], close: bool = True) -> None:
