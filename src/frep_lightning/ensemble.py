@@ -150,13 +150,7 @@ class TemporalEnsemble(WeightAveraging):
         self.average = average
         self.bn = bn
         self.inputs = inputs
-        self.interval = self.every_n_steps
-        self.lr_at_interval_change: float | None = None
-        self.last_tau: float | None = None
-        self._bn_fresh = True  # ensemble BN stats match its weights
-        self._bn_masks: list[int] | None = None  # mask fingerprint of the ensemble when its BN stats were made
-        self._swapped = False
-        self._stash: dict[int, Tensor] = {}  # fp32 ensemble tensors while swapped into a bf16 module
+        self.reset_state()
         self._kept = False  # the ensemble has been copied into the module at the end of this fit
         self._delta: list[Any] = [0.0, 0]  # (sum, count) of Eq. 14 over this validation epoch
 
@@ -202,10 +196,12 @@ class TemporalEnsemble(WeightAveraging):
         state is restored after setup."""
         self._latest_update_step, self._latest_update_epoch = 0, -1
         self.interval = self.every_n_steps
-        self.lr_at_interval_change = None
-        self.last_tau = None
-        self._bn_fresh, self._bn_masks = True, None
-        self._swapped, self._stash = False, {}
+        self.lr_at_interval_change: float | None = None
+        self.last_tau: float | None = None
+        self._bn_fresh = True  # ensemble BN stats match its weights
+        self._bn_masks: list[int] | None = None  # mask fingerprint of the ensemble when its BN stats were made
+        self._swapped = False
+        self._stash: dict[int, Tensor] = {}  # fp32 ensemble tensors while swapped into a bf16 module
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The interval follows one learning rate: several optimizers are ambiguous, fail now."""

@@ -117,15 +117,13 @@ class GradualPruning(RobustPruning):
             except ValueError as err:
                 raise ValueError(f"{err} (pruning.epoch={epoch})") from None
         self.end_epoch = end_epoch
+
+    def reset_state(self) -> None:
+        """Also the schedule's progress (``RobustPruning.__init__`` calls this to start it)."""
+        super().reset_state()
         self.current_sparsity = 0.0
         self.last_epoch: int | None = None  # epoch of the latest pruning step
         self.history: list[tuple[int, float]] = []  # (epoch, target sparsity) of every step
-
-    def reset_state(self) -> None:
-        super().reset_state()
-        self.current_sparsity = 0.0
-        self.last_epoch = None
-        self.history = []
 
     def final_epoch(self, max_epochs: int | None) -> int:
         """``end_epoch``, or the default halfway point between ``epoch`` and ``max_epochs``."""

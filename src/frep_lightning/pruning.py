@@ -233,8 +233,7 @@ class RobustPruning(Callback):
         self.dependents: dict[str, list[str]] = {}  # pruned layer -> BatchNorms held at zero with it
         self._hooks: list[Any] = []
         self._said: set[str] = set()  # setup runs twice per fit (TemporalEnsemble calls it first): say things once
-        self.pruned = False
-        self.pruned_at_step: int | None = None
+        self.reset_state()
         self.selected_layers: list[str] = []
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -283,7 +282,7 @@ class RobustPruning(Callback):
     def reset_state(self) -> None:
         """Forget any earlier fit's pruning (the state that :meth:`state_dict` saves)."""
         self.pruned = False
-        self.pruned_at_step = None
+        self.pruned_at_step: int | None = None
 
     def _say_once(self, message: str) -> None:
         if message not in self._said:
