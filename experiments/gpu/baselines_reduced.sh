@@ -15,7 +15,7 @@
 # no throughput over 1 at a time (a fast 6-epoch FReP run trained in 159 s among 4, vs ~25 s of steps alone);
 # hence PARALLEL=2 (one hides the other's start-up and CPU work) and one pack decode before any job.
 # Usage (repo root, .gpu/ carried: site/ + data/): bash experiments/gpu/baselines_reduced.sh EPOCHS [N_AA]
-# Env: PARALLEL (2), BUDGET_S (540), AA_RUNS, JOBS (names to run, default all), EXTRA (overrides for every run).
+# Env: PARALLEL (2), BUDGET_S (540), AA_RUNS (set but empty: no AutoAttack), JOBS (names to run, default all), EXTRA (overrides for every run).
 source experiments/gpu/env.sh
 E=${1:-6}; N_AA=${2:-500}; TP=$(( E * 30 / 100 )); M1=$(( (E * 70 + 99) / 100 )); M2=$(( (E * 85 + 99) / 100 ))
 [ "$M2" -le "$M1" ] && M2=$(( M1 + 1 ))
@@ -38,7 +38,7 @@ declare -A JOB=(
   [fgsm_s0.9]="method=fgsm ++pruning.sparsity=0.9 $FAST"
 )
 ORDER=${JOBS:-"plain_s0.99 lwm_s0.99 frep_s0.99 ori_s0.99 lwm_s0.9 dense_at frep_s0.9 ori_s0.9 fgsm_s0.99 fgsm_s0.9"}
-export AA_RUNS=${AA_RUNS:-"frep_s0.99 ori_s0.99 lwm_s0.99 frep_s0.9 ori_s0.9 lwm_s0.9"} N_AA
+export AA_RUNS=${AA_RUNS-"frep_s0.99 ori_s0.99 lwm_s0.99 frep_s0.9 ori_s0.9 lwm_s0.9"} N_AA
 echo "epochs=$E prune_epoch=$TP milestones=[$M1,$M2] f_e=$FE n_aa=$N_AA jobs=[$ORDER] budget=${BUDGET_S:-540}s" \
   | tee "$OUT/plan.txt"
 left() { echo $(( DEADLINE - $(date +%s) )); }

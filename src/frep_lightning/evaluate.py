@@ -397,6 +397,21 @@ def _frozen_parameters(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+@contextmanager
+def _no_cudnn_autotune() -> Iterator[None]:
+    """cuDNN's autotuner off while attacking: the attacked subset (the examples classified correctly clean) has a
+    new size in almost every batch, and ``cudnn.benchmark`` re-times every convolution for each new shape. With it on
+    (left so by the bench process), the final PGD-50 of a 100-epoch run took 55 s on an H100, while CLI runs with it
+    off evaluated three attacks on the same 10k images in 15-22 s
+    (experiments/results/bench-nvidia-h100-80gb-hbm3-2026-11-28.md)."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -439,7 +454,7 @@ def run_attacks(
     begin = time.perf_counter()
     probe = any(isinstance(a, WhiteBoxAttack) for a in wrapped.values())
     zero_grad = probed = 0
-    with eval_mode(model), _frozen_parameters(model):
+    with eval_mode(model), _frozen_parameters(model), _no_cudnn_autotune():
         for b, (x, y) in enumerate(batches):
             if b:  # progress: long evaluations (AutoAttack, Square) otherwise print nothing for minutes
                 done = sum(len(c) for c in correct["clean"])
