@@ -7,7 +7,7 @@
 # 1k test images, final PGD-50 on the 10k test split) on the Lightning variant that (1) measured fastest.
 # Everything lands in $OUT as it goes: bench-*.md/.json after every row, the e2e run's metrics.csv and log
 # while it trains (so a run cut by the deadline still shows how far it got and at what pace); at the end the
-# e2e run's files are packed into e2e.tar.gz (the device tool brings back 8 files, 2 folders down).
+# e2e run's files and its model (bitmask + values) are packed into e2e.tar.gz (the device tool brings back 8 files).
 # Usage (repo root, .gpu/ carried: site/ + data/): bash experiments/gpu/fast_path.sh [EPOCHS]
 # Env: BUDGET_S (570: the whole call), BENCH_S (100: the bench's own budget), MODES (bench modes), COMPILE=1
 # (time the -cm modes too: ~1 min of compilation each), E2E_EXTRA (more overrides for the e2e run).
@@ -33,6 +33,6 @@ timeout $(( DEADLINE - $(date +%s) )) python3 experiments/bench.py --out-dir "$O
   --e2e-run-dir "$OUT/e2e" --e2e-overrides "$BEST ${E2E_EXTRA:-}" --tag=-e2e 2>&1 \
   | grep -v Warning | tee -a "$OUT/fast_path.log"
 echo "== e2e rc=${PIPESTATUS[0]}, done after $(( $(date +%s) - T0 ))s" | tee -a "$OUT/fast_path.log"
-find "$OUT/e2e" \( -name '*.ckpt' -o -name '*.pt' \) -delete 2>/dev/null  # too big to come back; metrics, logs do
-# the device tool returns at most 8 files, 2 folders down: the e2e run's files travel as one tarball
-tar -czf "$OUT/e2e.tar.gz" -C "$OUT" e2e 2>/dev/null && rm -rf "$OUT/e2e"
+# the device tool returns at most 8 files, 2 folders down: the e2e run travels as one tarball (summary, config,
+# metrics, logs, and model.pt as bitmask + values: ~0.3 MB at 99 %; `pack_results.py <tar> --unpack <dir>` here)
+python3 experiments/gpu/pack_results.py "$OUT/e2e.tar.gz" "$OUT"/e2e/*/ && rm -rf "$OUT/e2e"
