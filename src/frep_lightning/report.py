@@ -670,17 +670,21 @@ def sample_size_note(rows: dict[tuple[float, str], list[Run]], columns: Sequence
     500 images next to PGD-50 on 10,000 must say so)."""
     sizes: dict[str, set[int]] = defaultdict(set)
     separate: dict[str, set[str]] = defaultdict(set)  # column -> extra files it came from
-    for runs in rows.values():
+    separate_rows: dict[str, set[tuple[float, str]]] = defaultdict(set)  # column -> rows where it is separate
+    with_column: dict[str, set[tuple[float, str]]] = defaultdict(set)  # column -> rows that have it
+    for key, runs in rows.items():
         for run in runs:
             measured = run.measured()
             worst_file = measured["worst_case"].file if "worst_case" in measured else None
             for name, (_, n, file, _) in measured.items():
+                with_column[name].add(key)
                 if n is not None:
                     sizes[name].add(n)
                 if file not in ("summary.json", "eval.json") or (
                     worst_file is not None and file != worst_file and name not in ("clean", "worst_case")
                 ):  # e.g. summary.json's PGD-10 beside eval.json's worst case over other attacks
                     separate[name].add(file)
+                    separate_rows[name].add(key)
     notes = []
     present = [(name, title) for name, title in columns if sizes.get(name)]
     everything = {n for name, _ in present for n in sizes[name]}
@@ -691,9 +695,13 @@ def sample_size_note(rows: dict[tuple[float, str], list[Run]], columns: Sequence
         notes.append("Test images per number: " + "; ".join(parts) + ".")
     for name, title in columns:
         if separate.get(name):
+            where = ""
+            if separate_rows[name] != with_column[name]:  # name the rows: elsewhere the column is inside Worst case
+                keys = sorted(separate_rows[name], key=lambda k: (k[0], _method_rank(k[1])))
+                where = f" in row{'s' * (len(keys) > 1)} " + ", ".join(f"{lab} {t * 100:g}%" for t, lab in keys)
             notes.append(
-                f"{title} comes from a separate evaluation ({', '.join(sorted(separate[name]))}), so it is not part "
-                "of that row's Worst case: the lower of the two bounds the robust accuracy."
+                f"{title} comes from a separate evaluation ({', '.join(sorted(separate[name]))}){where}, so it is not "
+                "part of that row's Worst case: the lower of the two bounds the robust accuracy."
             )
     if any(name == "square" for name, _ in present):
         notes.append(f"Square: {SQUARE_STANDARD_QUERIES:,} queries (other budgets: Fig. 6).")
