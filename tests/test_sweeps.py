@@ -169,6 +169,10 @@ def test_table5_times_the_plain_and_the_fast_path() -> None:
     assert type(build_module(plain)).__name__ == "FReP"
     module = build_module(fast)
     assert isinstance(module, FastFReP) and module.fast_options["precision"] == "bf16" and module.channels_last
+    for method in ("frep", "frep_ch", "lwm", "dense_at"):  # the fastest measured options build for every method
+        module = build_module(cfg_for("experiment=table5", "model.width=4", "fast.enabled=true", f"method={method}"))
+        assert isinstance(module, FastFReP), method
+        assert module.fast_options["cache_weights"] is True and module.fast_options["streams"] == 2, method
 
 
 def test_table_specific_settings() -> None:
