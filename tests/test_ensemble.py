@@ -137,6 +137,7 @@ def test_bn_copy_mode_copies_live_buffers(tmp_path) -> None:
         ({"c": 0}, "ensemble.c"),
         ({"every_n_steps": 0}, "ensemble.every_n_steps"),
         ({"bn": "freeze"}, "ensemble.bn"),
+        ({"validate_live": "yes"}, "ensemble.validate_live"),
     ],
 )
 def test_arguments_are_validated(kwargs: dict, key: str) -> None:
@@ -422,3 +423,49 @@ def test_resuming_a_finished_run_leaves_the_ensemble_in_the_module(tmp_path) -> 
     trainer.fit(again, ckpt_path=tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert trainer.global_step == 4 and again.history == []  # nothing trained
     assert float(again.w.detach()) == pytest.approx(2.5)
+
+
+class ClimbClassifier(Climb):
+    """Climb as a 2-class classifier of x = 1: logits (w x, 3.5), so class 0 iff w x > 3.5; validation logs the
+    accuracy of the model in the module (the ensemble once it exists) and has FReP's ``val_attack`` hook."""
+
+    def __init__(self, eps: float) -> None:
+        super().__init__()
+        from frep_lightning.attacks import PGD
+
+        self.val_attack = PGD(eps=eps, steps=2, step_size=eps, random_start=False)
+
+    def forward(self, x):
+        return torch.cat([self.w * x, torch.full_like(x, 3.5)], dim=1)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/acc", (self(batch[0]).argmax(1) == batch[1]).float().mean())
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(TensorDataset(torch.ones(1, 1), torch.zeros(1, dtype=torch.long)), batch_size=1)
+
+
+@pytest.mark.parametrize(("eps", "live_robust"), [(0.1, 1.0), (0.2, 0.0)])
+def test_validate_live_scores_the_live_model_beside_the_ensemble(tmp_path, eps: float, live_robust: float) -> None:
+    """2 steps per epoch, f_e = 3: at the validation after step 4 the ensemble is the copy made at t=3 (w = 3:
+    3 < 3.5, wrong) and the live model has w = 4 (right). Under an L-inf attack of radius eps on x = 1 the live
+    logit is 4 (1 - eps): 3.6 > 3.5 for eps = 0.1 (robust), 3.2 for eps = 0.2 (broken). Training goes on from
+    the live weights."""
+    module = ClimbClassifier(eps)
+    ens = TemporalEnsemble(tau0=0.9, c=1.0, every_n_steps=3, bn="copy", validate_live=True)
+    trainer = quiet_trainer(tmp_path, [ens], max_epochs=2, num_sanity_val_steps=0)
+    trainer.fit(module)
+    metrics = trainer.callback_metrics
+    assert float(metrics["val/acc"]) == 0.0  # the ensemble (w = 3)
+    assert float(metrics["val_live/acc"]) == 1.0  # the live model (w = 4)
+    assert float(metrics["val_live/pgd2"]) == live_robust
+    assert module.history == pytest.approx([1.0, 2.0, 3.0, 4.0])
+
+
+def test_validate_live_is_off_by_default(tmp_path) -> None:
+    module = ClimbClassifier(0.1)
+    trainer = quiet_trainer(tmp_path, [TemporalEnsemble(tau0=0.9, c=1.0, every_n_steps=3, bn="copy")], max_epochs=2,
+                            num_sanity_val_steps=0)  # fmt: skip
+    trainer.fit(module)
+    assert "val/acc" in trainer.callback_metrics
+    assert not any(k.startswith("val_live/") for k in trainer.callback_metrics)

@@ -426,3 +426,13 @@ def test_ce_fgsm_uses_wong_step() -> None:
     cfg = cfg_for("method=fgsm")
     assert cfg.method.attack.step_size == "10/255" and cfg.method.attack.steps == 1
     assert not enabled(cfg.ensemble) and cfg.method.reparam_kind == "none"
+
+
+def test_validate_live_logs_the_live_models_accuracies_through_the_config(tmp_path: Path) -> None:
+    """ensemble.validate_live=true on the real FReP module: the live model's clean and PGD accuracies on the
+    validation images beside the ensemble's (Fig. 5a), with the module's own validation attack."""
+    cfg = cfg_for("method=frep", "++pruning.sparsity=0.8", "logger=none", "ensemble.validate_live=true")
+    _, _, trainer = fit_tiny(cfg, tmp_path)
+    metrics = trainer.logged_metrics
+    assert {"val/acc", "val/pgd1", "val_live/acc", "val_live/pgd1"} <= set(metrics)
+    assert all(0.0 <= float(metrics[k]) <= 1.0 for k in ("val_live/acc", "val_live/pgd1"))

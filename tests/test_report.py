@@ -65,6 +65,11 @@ METRICS = """epoch,step,ensemble/delta,train/loss_step,train/pgd_subset,val/acc,
 1,19,,,0.33,,
 2,29,0.005,,,0.45,0.35
 """
+# with ensemble.validate_live: the live model on the validation images too
+METRICS_LIVE = """epoch,step,ensemble/delta,val/acc,val/pgd10,val_live/acc,val_live/pgd10
+0,9,0.010,0.30,0.20,0.28,0.18
+1,19,0.020,0.40,0.30,0.41,0.27
+"""
 
 
 @pytest.fixture
@@ -766,3 +771,16 @@ def test_a_dense_method_of_a_sparsity_grid_is_one_run_not_two_seeds(tmp_path: Pa
     report = write_report([sweep], tmp_path / "out").read_text()
     assert _row(report, "dense_at")["PGD-10"] == "40.0"
     assert "### Repeated runs" in report
+
+
+def test_fig5_draws_the_live_models_validation_pgd_dotted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ensemble.validate_live: Fig. 5a puts the live model's validation PGD (dotted) beside the ensemble's, the
+    paper's ensemble-vs-SGD comparison on the same images."""
+    figures = _capture_figures(monkeypatch)
+    write_run(tmp_path / "r", [], "frep", 0.9, summary={"clean_acc": 0.8, "pgd_acc": 0.5}, metrics=METRICS_LIVE)
+    write_report([tmp_path / "r"], tmp_path / "out")
+    ax_acc = figures["fig5_training_cifar10_resnet18_s0.9.png"].axes[0]
+    curves = {
+        line.get_label(): ([round(y, 6) for y in line.get_ydata()], line.get_linestyle()) for line in ax_acc.lines
+    }
+    assert curves == {"frep val/pgd10": ([20.0, 30.0], "-"), "frep live pgd10 (val)": ([18.0, 27.0], ":")}

@@ -341,6 +341,7 @@ RULES: list[Rule] = [
     _rule("ensemble.bn", _one_of(_ensemble_bn), group="ensemble"),
     _rule("ensemble.bn_batches", _int_at_least(1), _POS_INT, group="ensemble"),
     _rule("ensemble.average", _one_of(_ensemble_average), group="ensemble"),
+    _rule("ensemble.validate_live", _is_bool, "must be true or false", group="ensemble"),
     # final evaluation and the overfitting monitor
     _rule("eval.eps", _eps, _EPS),
     _rule("eval.step_size", _eps, _EPS),

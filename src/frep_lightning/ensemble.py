@@ -117,6 +117,10 @@ class TemporalEnsemble(WeightAveraging):
         average: ``factors`` (EMA of W1, W2) or ``product`` (EMA of W = W1*W2), see the module docstring.
         inputs: ``batch -> input tensor`` for the BN re-estimation and the Eq. 14 distance
             (default: the batch itself if it is a tensor, else its first element; dict batches need it).
+        validate_live: also validate the live (SGD) model while the ensemble is swapped in: ``val_live/acc``
+            and, when the LightningModule has a ``val_attack`` (FReP's), ``val_live/pgd<k>`` on the same
+            images, the ensemble-vs-live robust accuracy of the paper's Fig. 5a. Costs a second validation
+            attack; batches must be ``(images, labels, ...)`` sequences.
 
     Example::
 
@@ -135,6 +139,7 @@ class TemporalEnsemble(WeightAveraging):
         average: str = "factors",
         device: torch.device | str | None = None,
         inputs: Callable[[Any], Tensor] | None = None,
+        validate_live: bool = False,
     ) -> None:
         self.tau0 = check_real("ensemble.tau0", tau0, "in (0, 1)", lambda v: 0.0 < v < 1.0)
         self.c = check_real("ensemble.c", c, "> 0", lambda v: v > 0)
@@ -144,6 +149,9 @@ class TemporalEnsemble(WeightAveraging):
         check_choice("ensemble.bn", bn, BN_MODES)
         self.bn_batches = check_int("ensemble.bn_batches", bn_batches, 1)
         check_choice("ensemble.average", average, AVERAGE_MODES)
+        if not isinstance(validate_live, bool):
+            raise ValueError(f"ensemble.validate_live={validate_live!r} must be true or false")
+        self.validate_live = validate_live
         if inputs is not None and not callable(inputs):
             raise ValueError(f"TemporalEnsemble(inputs={inputs!r}) must be a callable batch -> input tensor, or None")
         super().__init__(device=device, use_buffers=False)
@@ -362,10 +370,43 @@ class TemporalEnsemble(WeightAveraging):
         was_training = live.training
         live.eval()
         with torch.no_grad():
-            d = (_forward(pl_module, x).float().softmax(dim=1) - _forward(live, x).float().softmax(dim=1)).pow(2).sum(1)
+            live_logits = _forward(live, x).float()
+            d = (_forward(pl_module, x).float().softmax(dim=1) - live_logits.softmax(dim=1)).pow(2).sum(1)
+        if self.validate_live:
+            self._validate_live(pl_module, live, x, batch, live_logits)
         live.train(was_training)
         self._delta[0] += d.sum()
         self._delta[1] += d.numel()
+
+    def _validate_live(
+        self, pl_module: pl.LightningModule, live: nn.Module, x: Tensor, batch: Any, logits: Tensor
+    ) -> None:
+        """``val_live/*``: the live model's clean and (with the module's ``val_attack``) robust accuracy on this
+        validation batch, crafted and scored like the module's own ``val/*`` of the ensemble."""
+        from frep_lightning.attacks import attack_precision, cross_entropy_loss
+
+        y = batch[1] if isinstance(batch, (list, tuple)) and len(batch) > 1 else None
+        if not isinstance(y, Tensor):
+            raise TypeError(
+                "TemporalEnsemble(validate_live=True) (ensemble.validate_live) needs (images, labels, ...) "
+                f"validation batches; got {type(batch).__name__}"
+            )
+        y = y.to(logits.device)
+        n = len(y)
+        pl_module.log(
+            "val_live/acc", (logits.argmax(1) == y).float().mean(), on_epoch=True, sync_dist=True, batch_size=n
+        )
+        attack = getattr(pl_module, "val_attack", None)
+        if attack is None or not hasattr(attack, "perturb"):
+            return
+        precision = getattr(pl_module, "hparams", {}).get("val_attack_precision") or "fp32"  # as the module's val/*
+        p = next(live.parameters())
+        x = x.to(p.device, p.dtype) if x.is_floating_point() else x.to(p.device)
+        with attack_precision(precision, p.device):
+            x_adv = attack.perturb(live, x, cross_entropy_loss(y))
+        with torch.no_grad():
+            robust = (live(x_adv).float().argmax(1) == y).float().mean()
+        pl_module.log(f"val_live/pgd{attack.steps}", robust, on_epoch=True, sync_dist=True, batch_size=n)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._swapped and self._delta[1]:

@@ -861,12 +861,13 @@ def read_metrics(paths: Path | Sequence[Path]) -> dict[str, list[tuple[float, fl
 
 def _curve_key(key: str) -> bool:
     """A metrics.csv column that Fig. 5 draws."""
-    return bool(re.fullmatch(r"val/pgd\d+", key)) or key in ("train/pgd_subset", "ensemble/delta")
+    return bool(re.fullmatch(r"val(_live)?/pgd\d+", key)) or key in ("train/pgd_subset", "ensemble/delta")
 
 
 def figure_training_curves(runs: Sequence[Run], out: Path) -> tuple[list[str], list[str]]:
-    """Fig. 5: (a) robust accuracy along training (validation PGD of the kept model, and
-    ``train/pgd_subset`` of the live model), (b) ensemble-vs-live output distance (Eq. 14)."""
+    """Fig. 5: (a) robust accuracy along training (validation PGD of the kept model; of the live model on the
+    same images with ``ensemble.validate_live``, dotted; ``train/pgd_subset`` of the live model on training
+    images, dashed), (b) ensemble-vs-live output distance (Eq. 14)."""
     plt = _pyplot()
     files, missing = [], []
     by_group: dict[tuple[str, str, float], list[tuple[str, dict[str, list[tuple[float, float]]]]]] = defaultdict(list)
@@ -887,11 +888,20 @@ def figure_training_curves(runs: Sequence[Run], out: Path) -> tuple[list[str], l
         fig, (ax_acc, ax_delta) = plt.subplots(1, 2, figsize=(10, 3.6))
         any_delta = False
         for i, (label, series) in enumerate(sorted(entries, key=lambda e: _method_rank(e[0]))):
-            color = f"C{i % 10}"  # one colour per run: solid = validation, dashed = live on train images
+            color = f"C{i % 10}"  # one colour per run: solid = validation, dotted = live on it, dashed = live on train
             for key in sorted(series):
                 if re.fullmatch(r"val/pgd\d+", key):
                     pts = series[key]
                     ax_acc.plot([p[0] for p in pts], [p[1] * 100 for p in pts], color=color, label=f"{label} {key}")
+                elif re.fullmatch(r"val_live/pgd\d+", key):
+                    pts = series[key]
+                    ax_acc.plot(
+                        [p[0] for p in pts],
+                        [p[1] * 100 for p in pts],
+                        color=color,
+                        ls=":",
+                        label=f"{label} live {key.split('/')[1]} (val)",
+                    )
                 elif key == "train/pgd_subset":
                     pts = series[key]
                     ax_acc.plot(
