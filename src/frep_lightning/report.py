@@ -891,26 +891,17 @@ def figure_training_curves(runs: Sequence[Run], out: Path) -> tuple[list[str], l
             color = f"C{i % 10}"  # one colour per run: solid = validation, dotted = live on it, dashed = live on train
             for key in sorted(series):
                 if re.fullmatch(r"val/pgd\d+", key):
-                    pts = series[key]
-                    ax_acc.plot([p[0] for p in pts], [p[1] * 100 for p in pts], color=color, label=f"{label} {key}")
+                    style, name = "-", key
                 elif re.fullmatch(r"val_live/pgd\d+", key):
-                    pts = series[key]
-                    ax_acc.plot(
-                        [p[0] for p in pts],
-                        [p[1] * 100 for p in pts],
-                        color=color,
-                        ls=":",
-                        label=f"{label} live {key.split('/')[1]} (val)",
-                    )
+                    style, name = ":", f"live {key.split('/')[1]} (val)"
                 elif key == "train/pgd_subset":
-                    pts = series[key]
-                    ax_acc.plot(
-                        [p[0] for p in pts],
-                        [p[1] * 100 for p in pts],
-                        color=color,
-                        ls="--",
-                        label=f"{label} live (train)",
-                    )
+                    style, name = "--", "live (train)"
+                else:
+                    continue
+                pts = series[key]
+                ax_acc.plot(
+                    [p[0] for p in pts], [p[1] * 100 for p in pts], color=color, ls=style, label=f"{label} {name}"
+                )
             if "ensemble/delta" in series:
                 pts = series["ensemble/delta"]
                 ax_delta.plot([p[0] for p in pts], [p[1] for p in pts], color=color, marker=".", label=label)
