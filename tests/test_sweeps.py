@@ -583,6 +583,7 @@ def test_default_logger_is_wandb_only_with_an_api_key(monkeypatch: pytest.Monkey
     loggers = instantiate(cfg.logger, save_dir=str(tmp_path))
     assert [type(lg) for lg in loggers] == [CSVLogger, WandbLogger]  # metrics.csv kept for frep-report
     assert loggers[1]._wandb_init["mode"] == "offline" and loggers[1]._wandb_init["group"] is None
+    assert loggers[1]._wandb_init["name"] == cfg.run_name  # a single run: no job number
 
 
 def test_sweep_group_is_the_sweep_dir_name(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -597,6 +598,19 @@ def test_sweep_group_is_the_sweep_dir_name(monkeypatch: pytest.MonkeyPatch) -> N
     assert sweep.sweep_group() == "2026-01-02-12-00-00"
     fake.mode = "RunMode.RUN"
     assert sweep.sweep_group() is None
+
+
+def test_wandb_names_in_a_sweep_carry_the_job_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A seed or objective sweep repeats run_name; W&B shows <job num>-<run_name>, the job's directory name."""
+    from hydra.core.hydra_config import HydraConfig
+
+    assert sweep.sweep_run_name("frep-resnet18-cifar10-s0.9") == "frep-resnet18-cifar10-s0.9"  # no Hydra run
+    fake = SimpleNamespace(mode="RunMode.MULTIRUN", job=SimpleNamespace(num=3))
+    monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: fake))
+    assert sweep.sweep_run_name("frep-resnet18-cifar10-s0.9") == "3-frep-resnet18-cifar10-s0.9"
+    fake.mode = "RunMode.RUN"
+    assert sweep.sweep_run_name("frep-resnet18-cifar10-s0.9") == "frep-resnet18-cifar10-s0.9"
 
 
 def test_wandb_offline_run_gets_resolved_config_and_summary(tmp_path: Path) -> None:

@@ -449,6 +449,19 @@ def sweep_group() -> str | None:
     return "-".join(parts) or path.name
 
 
+def sweep_run_name(name: str) -> str:
+    """W&B display name of a run: ``name`` for a single run, ``<job num>-<name>`` in multirun, the job's own
+    directory name. ``run_name`` alone repeats inside a sweep over seeds, objectives or other keys it does not
+    spell out, and W&B then lists several runs of one group under one name."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return name
+    hc = HydraConfig.get()
+    num = getattr(hc.job, "num", None)
+    return f"{num}-{name}" if str(hc.mode) == "RunMode.MULTIRUN" and num is not None else name
+
+
 def csv_logger(save_dir: str, name: str = "csv") -> Any:
     from lightning.pytorch.loggers import CSVLogger
 
@@ -573,6 +586,7 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("frep_sweep_jobs", sweep_jobs, replace=True)
     OmegaConf.register_new_resolver("frep_wandb_mode", wandb_mode, replace=True)
     OmegaConf.register_new_resolver("frep_sweep_group", sweep_group, replace=True)
+    OmegaConf.register_new_resolver("frep_sweep_run_name", sweep_run_name, replace=True)
 
 
 register_resolvers()
