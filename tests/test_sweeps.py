@@ -671,3 +671,28 @@ def test_frep_eval_adds_to_the_training_runs_wandb_summary(tmp_path: Path, monke
 )
 def test_run_name_says_dense_for_runs_that_prune_nothing(overrides: tuple[str, ...], name: str) -> None:
     assert cfg_for(*overrides).run_name == name
+
+
+def test_the_cli_with_its_default_logger_and_a_wandb_sweep_names_each_run(tmp_path: Path, pack_root: Path) -> None:
+    """The entry point as `make train` runs it (logger=auto, Hydra's single-run mode: hydra.job.num is a missing
+    value there), then a 2-seed sweep with logger=wandb offline: each job's W&B run is named like its directory."""
+    from helpers import tiny_run_overrides
+
+    tiny = [o for o in tiny_run_overrides(pack_root, tmp_path / "cache") if o != "experiment=smoke"]
+    tiny = ["experiment=smoke", *tiny, "trainer.max_epochs=1", "pruning.epoch=0", "eval.n_test=16"]
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}
+    env |= {"WANDB_DIR": str(tmp_path / "wandb"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache"),
+            "NETRC": str(tmp_path / "no-netrc"), "HOME": str(tmp_path)}  # fmt: skip
+    (tmp_path / "wandb").mkdir()
+    single = [sys.executable, "-m", "frep_lightning.train", *tiny, f"hydra.run.dir={tmp_path / 'run'}"]
+    proc = subprocess.run(single, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "summary.json").is_file() and list((tmp_path / "run").rglob("metrics.csv"))
+    env["WANDB_MODE"] = "offline"
+    multi = [sys.executable, "-m", "frep_lightning.train", "-m", *tiny, "logger=wandb", "seed=0,1",
+             f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
+    proc = subprocess.run(multi, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for job in (0, 1):
+        (job_dir,) = (tmp_path / "sweep").glob(f"{job}-*")
+        assert OmegaConf.load(job_dir / "config.yaml").logger.name == job_dir.name

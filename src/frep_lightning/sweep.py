@@ -458,8 +458,13 @@ def sweep_run_name(name: str) -> str:
     if not HydraConfig.initialized():
         return name
     hc = HydraConfig.get()
-    num = getattr(hc.job, "num", None)
-    return f"{num}-{name}" if str(hc.mode) == "RunMode.MULTIRUN" and num is not None else name
+    if str(hc.mode) != "RunMode.MULTIRUN":
+        return name  # hydra.job.num is a missing value ("???") outside multirun: reading it raises
+    try:
+        num = hc.job.num
+    except Exception:  # a multirun job without a number (a sweep callback composing jobs ahead of the launch)
+        return name
+    return name if num is None else f"{num}-{name}"
 
 
 def csv_logger(save_dir: str, name: str = "csv") -> Any:
